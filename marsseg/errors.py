@@ -1,0 +1,17 @@
+"""Errors that carry a one-line, user-facing message.
+
+Entry points catch `MarsSegError` and print its message alone (see `marsseg.cli`), so a bad
+archive or config reads as one clear line instead of a traceback from deep inside a library.
+"""
+
+
+class MarsSegError(ValueError):
+    """Base class: its message must name the offending key, field, shape or value."""
+
+
+class DataError(MarsSegError):
+    """An archive, array or prediction that does not match the challenge's format."""
+
+
+class ConfigError(MarsSegError):
+    """A configuration field with an unknown name or an invalid value."""

@@ -1,0 +1,1 @@
+"""Ray Tune orchestration of marsseg: `run`, `export` and `final` entry points."""

@@ -1,0 +1,1 @@
+"""Search spaces: Optuna define-by-run functions, one module per space."""
