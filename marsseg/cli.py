@@ -8,8 +8,10 @@ from collections.abc import Callable, Sequence
 from marsseg.errors import MarsSegError
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run `main`, turning a `MarsSegError` or a missing file into one line on stderr and exit code 2.
+def run_cli(
+    main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
+) -> int:
+    """Run `main`; a `MarsSegError` or a missing file becomes one line on stderr and exit code 2.
 
     Anything else is a bug in the project and keeps its traceback.
     """

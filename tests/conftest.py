@@ -10,7 +10,7 @@ from marsseg.classes import IMAGE_SHAPE, NUM_CLASSES
 
 
 def _blocky_batch(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Masks made of random 8x8 blocks over all five classes; images are a noisy function of them."""
+    """Masks of random 8x8 blocks over all five classes; images a noisy function of the masks."""
     rng = np.random.default_rng(seed)
     h, w = IMAGE_SHAPE
     coarse = rng.integers(0, NUM_CLASSES, size=(n, h // 8, w // 8))
@@ -22,6 +22,23 @@ def _blocky_batch(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture
 def labelled_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Four images (4, 1, 64, 128) float32 in [0, 1] and masks (4, 64, 128) int64 with all classes."""
+    """Four images (4, 1, 64, 128) float32 in [0, 1], masks (4, 64, 128) int64, all classes."""
     images, masks = _blocky_batch(4, seed=0)
     return torch.from_numpy(images)[:, None], torch.from_numpy(masks).long()
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    """A small synthetic archive in memory: 600 training images (25 planted aliens), 40 test."""
+    from marsseg.data.synthetic import generate
+
+    return generate(n_train=600, n_test=40, seed=1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_archive_path(synthetic, tmp_path_factory):
+    """`synthetic` written as an .npz in the challenge's format."""
+    from marsseg.data.archive import save_archive
+
+    path = tmp_path_factory.mktemp("data") / "synthetic.npz"
+    return save_archive(path, synthetic.training_set, synthetic.test_set)

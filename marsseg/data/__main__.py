@@ -1,0 +1,111 @@
+"""`python -m marsseg.data`: inspect an archive, or write a synthetic one.
+
+python -m marsseg.data inspect [ARCHIVE] [--out DIR] [--log]
+python -m marsseg.data synth --out PATH [--n-train N] [--n-test M] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from marsseg.cli import run_cli
+from marsseg.data import (
+    class_statistics,
+    ensure_default_archive,
+    format_statistics,
+    load_archive,
+    make_archive,
+    remove_outliers,
+)
+from marsseg.data.figures import plot_class_distribution, plot_samples
+from marsseg.data.split import contains_class
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m marsseg.data", description=__doc__.splitlines()[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser(
+        "inspect", help="print class statistics and write the data figures"
+    )
+    inspect.add_argument(
+        "archive",
+        nargs="?",
+        type=Path,
+        help="an .npz archive (default: the synthetic one, generated on first use)",
+    )
+    inspect.add_argument(
+        "--out", type=Path, help="folder for the PNGs (default: results/inspect/<archive name>)"
+    )
+    inspect.add_argument(
+        "--samples", type=int, default=12, help="images in the sample grid (default 12)"
+    )
+    inspect.add_argument(
+        "--log", action="store_true", help="log scale for the class-distribution chart"
+    )
+    inspect.add_argument("--seed", type=int, default=0, help="which samples are drawn (default 0)")
+
+    synth = commands.add_parser("synth", help="write a synthetic archive in the challenge's format")
+    synth.add_argument("--out", type=Path, required=True, help="path of the .npz to write")
+    synth.add_argument(
+        "--n-train",
+        type=int,
+        default=2615,
+        help="training images, outliers included (default 2615)",
+    )
+    synth.add_argument("--n-test", type=int, default=1000, help="test images (default 1000)")
+    synth.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def inspect(args: argparse.Namespace) -> None:
+    path = args.archive or ensure_default_archive()
+    archive = load_archive(path)
+    test = (
+        f", {len(archive.test_images)} test images"
+        if archive.test_images is not None
+        else ", no test set"
+    )
+    print(f"archive: {path} ({len(archive)} training images{test})")
+    keep, report = remove_outliers(archive.masks)
+    print(report.summary())
+    clean = archive.subset(keep)
+    stats = class_statistics(clean.masks)
+    print(f"\nclass statistics of the {len(clean)} cleaned training masks:")
+    print(format_statistics(stats))
+
+    out = args.out or Path("results") / "inspect" / Path(path).stem
+    rng = np.random.default_rng(args.seed)
+    # Show big-rock images too: with ~2.5% of images holding one, a uniform draw often shows none.
+    rocky = np.flatnonzero(contains_class(clean.masks))
+    n_rocky = min(len(rocky), args.samples // 3)
+    picks = np.concatenate(
+        [
+            rng.choice(rocky, n_rocky, replace=False),
+            rng.choice(len(clean), args.samples - n_rocky, replace=False),
+        ]
+    )
+    samples = plot_samples(
+        clean.images, clean.masks, out / "samples.png", np.unique(picks), title=Path(path).name
+    )
+    chart = plot_class_distribution(stats, out / "class_distribution.png", log=args.log)
+    print(f"\nwrote {samples} and {chart}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "inspect":
+        inspect(args)
+    else:
+        print(f"wrote {make_archive(args.out, args.n_train, args.n_test, args.seed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

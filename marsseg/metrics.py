@@ -1,0 +1,123 @@
+"""The challenge metric, computed exactly as the course scored it.
+
+The course used Keras `MeanIoU(num_classes=5, ignore_class=0)`:
+
+- pixels whose TRUE label is 0 (background) are dropped;
+- one 5x5 confusion matrix is accumulated over the whole set (not a mean of per-batch scores);
+- IoU per class is TP / (TP + FP + FN);
+- the mean is taken over the classes whose union (TP + FP + FN) is non-zero.
+
+The last two points have a consequence worth knowing: predicting 0 on a non-background pixel
+adds a class-0 column entry, so class 0 enters the mean with IoU 0 and drags it down. Decoding
+with `metric_aware=True` (argmax over classes 1-4 only) removes that term.
+
+Accumulation stays in torch on the predictions' device, so validation on a GPU never copies
+full logits to the CPU: only the 5x5 matrix is ever read back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from marsseg.classes import BACKGROUND, NUM_CLASSES, SCORED_CLASSES
+
+
+def decode(logits: torch.Tensor, metric_aware: bool = True) -> torch.Tensor:
+    """Turn logits (B, 5, H, W) into labels (B, H, W).
+
+    With `metric_aware`, the argmax runs over classes 1-4 only: the metric never rewards a
+    class-0 prediction (true-0 pixels are dropped) and penalises it on every other pixel. This is
+    not a theorem for every input (a class-0 guess replaced by a wrong class adds a false
+    positive to that class), but on a model's informative predictions dropping the class-0 term
+    outweighs it; the tests check this over noisy logits.
+    """
+    if not metric_aware:
+        return logits.argmax(dim=1)
+    return logits[:, BACKGROUND + 1 :].argmax(dim=1) + (BACKGROUND + 1)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Confusion matrix (rows: true class, columns: predicted class) without true-background pixels.
+
+    `pred` and `target` are integer label tensors of the same shape on the same device.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    target = target.reshape(-1).long()
+    pred = pred.reshape(-1).long()
+    keep = target != BACKGROUND
+    codes = target[keep] * NUM_CLASSES + pred[keep]
+    counts = torch.bincount(codes, minlength=NUM_CLASSES * NUM_CLASSES)
+    return counts.reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What one evaluation reports; every field is derived from `confusion`."""
+
+    confusion: np.ndarray
+    """(5, 5) int64, rows true class, columns predicted class, true-background pixels dropped."""
+    iou: np.ndarray
+    """(5,) float64 IoU per class, NaN where the class's union is empty."""
+    mean_iou: float
+    """The challenge score: Keras MeanIoU(ignore_class=0), class-0 term included when present."""
+    mean_iou_scored: float
+    """Mean IoU over classes 1-4 only (those with a non-empty union): the score without the
+    class-0 penalty, equal to `mean_iou` whenever nothing is predicted as class 0."""
+    pixel_accuracy: float
+    """Share of non-background pixels labelled correctly."""
+
+    def per_class(self) -> dict[int, float]:
+        """IoU of each scored class (1-4); NaN where a class is in neither truth nor prediction."""
+        return {c: float(self.iou[c]) for c in SCORED_CLASSES}
+
+
+def scores_from_confusion(confusion: np.ndarray | torch.Tensor) -> Scores:
+    """Compute every reported figure from an accumulated confusion matrix."""
+    cm = np.asarray(
+        confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion, dtype=np.int64
+    )
+    tp = np.diag(cm).astype(np.float64)
+    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    present = union > 0
+    scored = present.copy()
+    scored[BACKGROUND] = False
+    total = cm.sum()
+    return Scores(
+        confusion=cm,
+        iou=iou,
+        mean_iou=float(iou[present].mean()) if present.any() else float("nan"),
+        mean_iou_scored=float(iou[scored].mean()) if scored.any() else float("nan"),
+        pixel_accuracy=float(tp.sum() / total) if total else float("nan"),
+    )
+
+
+class ConfusionMeter:
+    """Accumulates the confusion matrix over batches on the device the predictions live on."""
+
+    def __init__(self) -> None:
+        self.matrix: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.matrix = None
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of label predictions (B, H, W) against true labels (B, H, W)."""
+        batch = confusion_matrix(pred, target.to(pred.device))
+        self.matrix = batch if self.matrix is None else self.matrix + batch
+
+    def compute(self) -> Scores:
+        if self.matrix is None:
+            return scores_from_confusion(np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64))
+        return scores_from_confusion(self.matrix)
+
+
+def score_masks(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> Scores:
+    """Score whole prediction and truth label arrays (N, H, W) in one call."""
+    return scores_from_confusion(confusion_matrix(torch.as_tensor(pred), torch.as_tensor(target)))
