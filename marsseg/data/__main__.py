@@ -65,6 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def inspect(args: argparse.Namespace) -> None:
+    if args.archive is None:
+        print("no archive given: using the synthetic default (generated on first use)")
     path = args.archive or ensure_default_archive()
     archive = load_archive(path)
     test = (
