@@ -42,3 +42,11 @@ def synthetic_archive_path(synthetic, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("data") / "synthetic.npz"
     return save_archive(path, synthetic.training_set, synthetic.test_set)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep generated archives and offline-augmentation caches out of the user's home."""
+    import os
+
+    os.environ["MARSSEG_CACHE"] = str(tmp_path_factory.mktemp("marsseg-cache"))

@@ -9,6 +9,7 @@ hours into a search.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 
 from marsseg.classes import IMAGE_SHAPE, NUM_CLASSES
 from marsseg.errors import DataError
+from marsseg.fileio import atomic_path
 
 TRAIN_KEY = "training_set"
 TEST_KEY = "test_set"
@@ -39,6 +41,13 @@ class MarsArchive:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def checksum(self) -> str:
+        """A short digest of the training images and masks: which data a result came from."""
+        digest = hashlib.blake2b(digest_size=8)
+        for array in (self.images, self.masks):
+            digest.update(np.ascontiguousarray(array).data)
+        return digest.hexdigest()
 
     def subset(self, indices: np.ndarray) -> MarsArchive:
         """The training images at `indices`, with the same test set."""
@@ -151,16 +160,9 @@ def save_archive(
     path: str | os.PathLike, training_set: np.ndarray, test_set: np.ndarray | None = None
 ) -> Path:
     """Write arrays in the archive layout, atomically (a temp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {TRAIN_KEY: training_set}
     if test_set is not None:
         arrays[TEST_KEY] = test_set
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as temp, open(temp, "wb") as handle:
+        np.savez(handle, **arrays)
+    return Path(path)

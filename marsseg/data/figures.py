@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only: works on a machine with no screen
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.colors import ListedColormap
+from matplotlib.colors import ListedColormap, to_rgb
 from matplotlib.patches import Patch
 
 from marsseg.classes import CLASS_COLOURS, CLASS_NAMES, NUM_CLASSES
@@ -82,3 +82,24 @@ def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def colour_masks(masks: np.ndarray) -> np.ndarray:
+    """Label masks (..., H, W) as RGB uint8 (..., H, W, 3) in the class colours."""
+    palette = (np.array([to_rgb(c) for c in CLASS_COLOURS]) * 255).round().astype(np.uint8)
+    return palette[masks]
+
+
+def prediction_panel(images: np.ndarray, masks: np.ndarray, preds: np.ndarray) -> np.ndarray:
+    """One RGB uint8 picture (n*H, 3*W, 3): per row the input, the ground truth, the prediction.
+
+    What TensorBoard shows every few epochs, so a person sees what a trial gets wrong.
+    """
+    grey = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    rows = [
+        np.concatenate(
+            [np.repeat(image[..., None], 3, axis=-1), *colour_masks(np.stack([m, p]))], 1
+        )
+        for image, m, p in zip(grey, masks, preds, strict=True)
+    ]
+    return np.concatenate(rows, axis=0)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from marsseg.classes import IMAGE_SHAPE
 from marsseg.data.archive import PIXEL_MAX, save_archive
+from marsseg.paths import cache_root
 
 H, W = IMAGE_SHAPE
 CHUNK = 512
@@ -280,9 +281,8 @@ def _scene_of(mask: np.ndarray) -> np.ndarray:
 
 
 def default_archive_path() -> Path:
-    """Where the embedded default archive is cached: $MARSSEG_CACHE or ~/.cache/marsseg."""
-    cache = Path(os.environ.get("MARSSEG_CACHE", Path.home() / ".cache" / "marsseg"))
-    return cache / "synthetic-mars-seed0.npz"
+    """Where the embedded default archive is cached (see `marsseg.paths.cache_root`)."""
+    return cache_root() / "synthetic-mars-seed0.npz"
 
 
 def ensure_default_archive() -> Path:

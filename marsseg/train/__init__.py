@@ -1,0 +1,24 @@
+"""Training one configuration: one `fit` for the CLI, a Ray Tune trial and the final stage."""
+
+from marsseg.train.batches import PreparedData, prepare_data
+from marsseg.train.loop import (
+    EPOCH_METRICS,
+    FitResult,
+    evaluate,
+    fit,
+    predict_logits,
+    resolve_device,
+)
+from marsseg.train.state import EpochState
+
+__all__ = [
+    "EPOCH_METRICS",
+    "EpochState",
+    "FitResult",
+    "PreparedData",
+    "evaluate",
+    "fit",
+    "predict_logits",
+    "prepare_data",
+    "resolve_device",
+]

@@ -1,0 +1,132 @@
+"""`python -m marsseg.train`: train one configuration and keep its outputs in one folder.
+
+    python -m marsseg.train --preset reference --epochs 5
+    python -m marsseg.train --config best_config.yaml --data mars_for_students.npz --out runs/best
+
+The folder gets `config.yaml` (the resolved config), `metrics.csv` (one row per epoch),
+`checkpoint.pt` (the latest full state: rerunning the same command resumes from it) and
+`model.pt` (the best weights with their config, loadable with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from marsseg.cli import run_cli
+from marsseg.config import PRESETS, TrainConfig, preset
+from marsseg.data import load_clean_archive
+from marsseg.data.synthetic import default_archive_path
+from marsseg.train import EpochState, fit
+from marsseg.train.loop import IOU_KEYS
+from marsseg.train.state import save_model
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m marsseg.train", description=__doc__.splitlines()[0]
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="a YAML or JSON training config")
+    source.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a named config (default: reference)"
+    )
+    parser.add_argument(
+        "--data", type=Path, help="an .npz archive (default: the synthetic one, made on first use)"
+    )
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/<name>-<time>)")
+    parser.add_argument("--epochs", type=int, help="override max_epochs")
+    parser.add_argument("--seed", type=int, help="override the seed")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="DataLoader workers for online augmentation"
+    )
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """The config the flags describe, and a short name for the output folder."""
+    if args.config is not None:
+        config, name = TrainConfig.load(args.config), args.config.stem
+    else:
+        name = args.preset or "reference"
+        config = preset(name)
+    overrides: dict[str, Any] = {}
+    if args.epochs is not None:
+        overrides["max_epochs"] = args.epochs
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    return config.replace(**overrides), name
+
+
+def epoch_line(metrics: dict[str, Any], max_epochs: int) -> str:
+    """One progress line: epoch, loss, val mIoU and per-class IoU, lr, time."""
+    parts = [f"epoch {metrics['epoch']:>3}/{max_epochs}", f"loss {metrics['train_loss']:.4f}"]
+    if "val_miou" in metrics:
+        per_class = " ".join(
+            f"{key.removeprefix('val_iou_')} {metrics[key]:.3f}" for key in IOU_KEYS.values()
+        )
+        parts += [f"val mIoU {metrics['val_miou']:.4f}", f"[{per_class}]"]
+    parts += [f"lr {metrics['lr']:.1e}", f"{metrics['epoch_time_s']:.1f}s"]
+    if metrics["stop_reason"]:
+        parts.append(f"-> stop: {metrics['stop_reason']}")
+    return "  ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    config, name = resolve_config(args)
+    if args.data is None:
+        print(f"no --data: using the synthetic archive {default_archive_path()}")
+    archive, report = load_clean_archive(args.data)
+    print(report.summary())
+    out = args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    checkpoint = out / CHECKPOINT
+    resume = checkpoint if checkpoint.is_file() else None
+    if resume:
+        print(f"resuming from {resume}")  # fit checks that its config is this one
+    else:
+        config.save(out / "config.yaml")
+    print(f"training {config.model.name} for up to {config.max_epochs} epochs -> {out}")
+
+    bar = tqdm(total=config.max_epochs, unit="epoch", dynamic_ncols=True)
+
+    def on_epoch(metrics: dict[str, Any], state: EpochState) -> None:
+        bar.update(metrics["epoch"] - bar.n)
+        bar.set_postfix(
+            loss=f"{metrics['train_loss']:.4f}", miou=f"{metrics.get('val_miou', 0):.4f}"
+        )
+        bar.write(epoch_line(metrics, config.max_epochs))
+        pd.DataFrame(state.history).to_csv(out / "metrics.csv", index=False)
+        state.save(checkpoint)
+
+    with bar:
+        result = fit(
+            config,
+            archive,
+            on_epoch=on_epoch,
+            checkpoint=resume,
+            device=args.device,
+            num_threads=args.threads,
+            workers=args.workers,
+        )
+    save_model(out / MODEL, config, result.model)
+    best = f"best val mIoU {result.best_score:.4f} at epoch {result.best_epoch}"
+    print(f"done ({result.stop_reason}); {best if result.best_epoch else 'no validation set'}")
+    print(f"wrote {out / MODEL}, {out / 'metrics.csv'}, {out / 'config.yaml'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,97 @@
+"""A run's checkpointable state: everything needed to continue exactly where it stopped."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from marsseg.config import TrainConfig
+from marsseg.errors import ConfigError
+from marsseg.fileio import atomic_path
+
+
+@dataclass
+class EpochState:
+    """What a checkpoint holds; `on_epoch` receives it and may `save` it."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_weights: dict[str, Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "best_weights": self.best_weights,
+            "history": self.history,
+            "rng": _rng_states(),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the checkpoint atomically (temp file, then rename): never a half-written file."""
+        with atomic_path(path) as temp:
+            torch.save(self.state_dict(), temp)
+        return Path(path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore everything from a checkpoint written by `save` (tensors and plain data only)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if TrainConfig.from_dict(state["config"]) != self.config:
+            raise ConfigError(f"checkpoint {path} was written by a run with another config")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for key in ("epoch", "best_score", "best_epoch", "bad_epochs", "best_weights", "history"):
+            setattr(self, key, state[key])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def _rng_states() -> dict[str, Any]:
+    """torch's generators (numpy randomness comes from per-epoch seeded Generators, not globals)."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def save_model(path: str | os.PathLike, config: TrainConfig, model: nn.Module) -> Path:
+    """Write a model file: its weights and the config that builds it (no pickled code)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as temp:
+        torch.save({"config": config.to_dict(), "model": state}, temp)
+    return Path(path)
+
+
+def load_model(path: str | os.PathLike) -> tuple[TrainConfig, nn.Module]:
+    """Rebuild a model written by `save_model`, with `weights_only=True` (tensors and data only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
+        raise ConfigError(f"{path} is not a marsseg model file (expected 'config' and 'model')")
+    config = TrainConfig.from_dict(state["config"])
+    model = config.model.build()
+    model.load_state_dict(state["model"])
+    return config, model.eval()

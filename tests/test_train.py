@@ -1,0 +1,172 @@
+"""The trainer on small synthetic data and small models: learning, callbacks, schedules, resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from marsseg.config import TrainConfig
+from marsseg.data import archive_from_arrays
+from marsseg.data.synthetic import generate
+from marsseg.errors import ConfigError
+from marsseg.losses import CombinedLoss
+from marsseg.train import EPOCH_METRICS, evaluate, fit, prepare_data
+from marsseg.train.__main__ import main as train_main
+from marsseg.train.state import load_model
+
+TIMING_KEYS = {"epoch_time_s", "train_images_per_s", "data_wait_fraction"}
+
+
+@pytest.fixture(scope="module")
+def small_archive():
+    """160 synthetic training images (7 aliens kept: they are harmless here) and 8 test images."""
+    s = generate(n_train=160, n_test=8, seed=3)
+    return archive_from_arrays(s.training_set, s.test_set)
+
+
+def small_config(**changes) -> TrainConfig:
+    base = {
+        "model": {"name": "unet", "knobs": {"depth": 2, "base_channels": 8}},
+        "optim": {"lr": 3e-3},
+        "batch_size": 16,
+        "max_epochs": 3,
+        "val_fraction": 0.25,
+        "augment": {"preset": "none"},
+        "oversample": 2.0,
+    }
+    base.update(changes)
+    return TrainConfig.from_dict(base)
+
+
+def run(config, archive, tmp_path, **kwargs):
+    history = []
+    result = fit(
+        config,
+        archive,
+        on_epoch=lambda metrics, state: history.append(dict(metrics)),
+        cache_dir=tmp_path / "cache",
+        num_threads=2,
+        **kwargs,
+    )
+    return result, history
+
+
+def without_timing(history):
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in history]
+
+
+def test_short_run_beats_the_untrained_model_and_reports_everything(small_archive, tmp_path):
+    config = small_config(max_epochs=4, augment={"preset": "reference"})
+    data = prepare_data(config, small_archive, tmp_path / "cache")
+    torch.manual_seed(config.seed)
+    untrained = evaluate(config.model.build(), CombinedLoss(config.loss), data, torch.device("cpu"))
+    result, history = run(config, data, tmp_path)
+    assert len(history) == 4 and [m["epoch"] for m in history] == [1, 2, 3, 4]
+    for metrics in history:
+        assert set(EPOCH_METRICS) <= set(metrics), set(EPOCH_METRICS) - set(metrics)
+        assert all(math.isfinite(metrics[k]) for k in ("train_loss", "val_loss", "val_miou"))
+    assert [m["finished"] for m in history] == [False, False, False, True]
+    assert history[-1]["stop_reason"] == "max_epochs"
+    assert result.best_score == max(m["val_miou"] for m in history)
+    assert result.best_score > untrained[1].mean_iou + 0.15
+
+
+def test_same_seed_same_metrics_on_cpu(small_archive, tmp_path):
+    config = small_config(max_epochs=2, augment={"preset": "none", "intensity": 0.5})
+    first = without_timing(run(config, small_archive, tmp_path)[1])
+    second = without_timing(run(config, small_archive, tmp_path)[1])
+    assert first == second
+    other = without_timing(run(config.replace(seed=1), small_archive, tmp_path)[1])
+    assert other != first
+
+
+def test_resume_after_epoch_two_matches_an_uninterrupted_run(small_archive, tmp_path):
+    # Online augmentation and the boundary ramp make every epoch depend on more than weights.
+    config = small_config(
+        max_epochs=4,
+        augment={"preset": "reference", "intensity": 0.4},
+        loss={"ce_weight": 1.0, "boundary_weight": 0.1, "boundary_ramp": 0.05},
+    )
+    _, uninterrupted = run(config, small_archive, tmp_path)
+
+    checkpoint = tmp_path / "ckpt.pt"
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_two(metrics, state):
+        state.save(checkpoint)
+        if metrics["epoch"] == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        fit(config, small_archive, on_epoch=stop_after_two, cache_dir=tmp_path / "cache")
+    torch.manual_seed(12345)  # whatever the process did meanwhile must not matter
+    _, resumed = run(config, small_archive, tmp_path, checkpoint=checkpoint)
+    assert [m["epoch"] for m in resumed] == [3, 4]
+    assert without_timing(resumed) == without_timing(uninterrupted[2:])
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(small_archive, tmp_path):
+    config = small_config(max_epochs=1)
+    checkpoint = tmp_path / "ckpt.pt"
+    fit(config, small_archive, on_epoch=lambda m, s: s.save(checkpoint), cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="another config"):
+        fit(config.replace(seed=9), small_archive, checkpoint=checkpoint, cache_dir=tmp_path)
+
+
+def test_early_stopping_acts_on_val_miou(small_archive, tmp_path):
+    # No improvement ever counts (min_delta 1): the run stops after `patience` bad epochs.
+    config = small_config(max_epochs=10, early_stopping={"patience": 2, "min_delta": 1.0})
+    result, history = run(config, small_archive, tmp_path)
+    assert len(history) == 3 and result.stop_reason == "early_stopping"
+    assert history[-1]["finished"] and history[-1]["stop_reason"] == "early_stopping"
+    assert not any(m["finished"] for m in history[:-1])
+    # The best weights are kept even though no improvement was large enough to count.
+    assert result.best_epoch == int(np.argmax([m["val_miou"] for m in history])) + 1
+
+
+def test_reduce_lr_on_plateau_follows_val_miou(small_archive, tmp_path):
+    config = small_config(
+        max_epochs=6, optim={"lr": 3e-2}, scheduler={"factor": 0.5, "patience": 0, "min_lr": 0}
+    )
+    _, history = run(config, small_archive, tmp_path)
+    best, lr = -math.inf, 3e-2
+    for metrics in history:
+        # ReduceLROnPlateau(mode="max", threshold=1e-4 relative): halve on no improvement.
+        if metrics["val_miou"] > best * (1 + 1e-4):
+            best = metrics["val_miou"]
+        else:
+            lr *= 0.5
+        assert metrics["lr"] == pytest.approx(lr)
+    assert history[-1]["lr"] < 3e-2  # the plateau did happen in this run
+
+
+def test_train_on_all_data_without_validation(small_archive, tmp_path):
+    result, history = run(small_config(max_epochs=2, val_fraction=0.0), small_archive, tmp_path)
+    assert "val_miou" not in history[-1] and history[-1]["finished"]
+    assert result.best_epoch == 0
+
+
+def test_cli_trains_the_reference_preset_and_resumes(tmp_path, capsys):
+    s = generate(n_train=48, n_test=4, seed=4)
+    from marsseg.data import save_archive
+
+    archive = save_archive(tmp_path / "tiny.npz", s.training_set, s.test_set)
+    out = tmp_path / "run"
+    args = ["--preset", "reference", "--data", str(archive), "--out", str(out), "--epochs", "1"]
+    assert train_main([*args, "--threads", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "val mIoU" in printed and "big_rock" in printed
+    for name in ("config.yaml", "metrics.csv", "checkpoint.pt", "model.pt"):
+        assert (out / name).is_file()
+    assert TrainConfig.load(out / "config.yaml").max_epochs == 1
+    config, model = load_model(out / "model.pt")
+    assert config.model.name == "marsseg"
+    assert model(torch.zeros(1, 1, 64, 128)).shape == (1, 5, 64, 128)
+    # The same command again finds the finished checkpoint and trains no more.
+    assert train_main(args) == 0
+    assert "resuming from" in capsys.readouterr().out
