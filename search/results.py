@@ -1,0 +1,148 @@
+"""Reading a finished (or running) experiment: the leaderboard and exported configurations.
+
+Shared by `search.run` (at the end of a search) and `search.export` (any time later), so both
+rank trials and write configs the same way.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray.tune import ResultGrid
+
+import marsseg
+from marsseg.config import TrainConfig
+from marsseg.train.loop import IOU_KEYS
+from spaces import params_to_config
+
+BASE_CONFIG = "base_config.yaml"
+"""The experiment's base training config (what the space does not sample), saved at start."""
+LEADERBOARD = "leaderboard.csv"
+BEST_CONFIG = "best_config.yaml"
+OBJECTIVE = "val_miou"
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """One trial as the leaderboard ranks it: its config and its best epoch's scores."""
+
+    trial_id: str
+    config: TrainConfig
+    status: str
+    """complete (ended by itself), stopped (by ASHA or the time budget) or error."""
+    epochs: int
+    best_epoch: int
+    scores: dict[str, float]
+    """val_miou and per-class IoU at the best epoch."""
+    time_s: float
+    node: str
+
+
+def summarise(results: ResultGrid, base: TrainConfig) -> list[TrialSummary]:
+    """One summary per trial that reported at least one epoch, best val mIoU first."""
+    summaries = []
+    for result in results:
+        history = result.metrics_dataframe
+        if history is None or OBJECTIVE not in history or history[OBJECTIVE].isna().all():
+            continue
+        best = history.loc[history[OBJECTIVE].idxmax()]
+        last = result.metrics or {}
+        status = "error" if result.error else "complete" if last.get("finished") else "stopped"
+        summaries.append(
+            TrialSummary(
+                trial_id=str(last.get("trial_id", Path(result.path).name)),
+                config=params_to_config(result.config, base),
+                status=status,
+                epochs=int(history["epoch"].max()),
+                best_epoch=int(best["epoch"]),
+                scores={key: float(best[key]) for key in (OBJECTIVE, *IOU_KEYS.values())},
+                time_s=float(last.get("time_total_s", 0.0)),
+                node=str(last.get("hostname", "")),
+            )
+        )
+    return sorted(summaries, key=lambda s: s.scores[OBJECTIVE], reverse=True)
+
+
+def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
+    """The leaderboard table: rank, trial, architecture, knobs, loss, augmentation, scores."""
+    rows = []
+    for rank, s in enumerate(summaries, start=1):
+        c = s.config
+        rows.append(
+            {
+                "rank": rank,
+                "trial": s.trial_id,
+                "arch": c.model.name,
+                "knobs": " ".join(f"{k}={_short(v)}" for k, v in c.model.knobs.items()),
+                "loss": describe_loss(c),
+                "augment": f"{c.augment.preset} i={c.augment.intensity:.2f}"
+                + (" +photo" if c.augment.photometric else ""),
+                "oversample": round(c.oversample, 2),
+                "lr": c.optim.lr,
+                "batch": c.batch_size,
+                "epochs": s.epochs,
+                "best_epoch": s.best_epoch,
+                **{k: round(v, 4) for k, v in s.scores.items()},
+                "status": s.status,
+                "time_s": round(s.time_s, 1),
+                "node": s.node,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def describe_loss(config: TrainConfig) -> str:
+    """The loss terms in play, e.g. `ce+dice0.30+boundary(ramp0.005) w=inverse_sqrt`."""
+    loss = config.loss
+    terms = [f"ce{loss.ce_weight:g}" if loss.ce_weight != 1 else "ce"]
+    if loss.dice_weight:
+        terms.append(f"dice{loss.dice_weight:.2f}")
+    if loss.focal_weight:
+        terms.append(f"focal{loss.focal_weight:.2f}")
+    if loss.boundary_weight or loss.boundary_ramp:
+        terms.append(f"boundary(ramp{loss.boundary_ramp:.3f})")
+    weights = "" if loss.class_weights == "none" else f" w={loss.class_weights}"
+    return "+".join(terms) + weights
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def with_provenance(summary: TrialSummary, experiment: str, data_checksum: str) -> TrainConfig:
+    """The trial's config, stamped with where it came from."""
+    return summary.config.replace(
+        provenance={
+            "experiment": experiment,
+            "trial": summary.trial_id,
+            "val_miou": round(summary.scores[OBJECTIVE], 6),
+            "best_epoch": summary.best_epoch,
+            "epochs": summary.epochs,
+            "status": summary.status,
+            "seed": summary.config.seed,
+            "data_checksum": data_checksum,
+            "code_version": code_version(),
+            "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when run from a checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(marsseg.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return marsseg.__version__
+    return f"{marsseg.__version__}+{commit}"

@@ -1,0 +1,110 @@
+"""The Ray Tune trainable: a thin adapter from a trial's config to `marsseg.train.fit`.
+
+Everything about scheduling lives in `search/run.py`; this function only builds the training
+config from the trial's parameters, resumes from Tune's checkpoint when there is one, and turns
+each epoch into `tune.report(metrics, checkpoint=...)`. The dataset arrives through the object
+store (`tune.with_parameters`), never from a path on the driver's disk.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+from tensorboardX import SummaryWriter
+
+from marsseg.config import TrainConfig
+from marsseg.data import MarsArchive
+from marsseg.data.figures import prediction_panel
+from marsseg.metrics import decode
+from marsseg.train import EpochState, PreparedData, fit, predict_logits, prepare_data
+from marsseg.train.loop import autocast_dtype_for
+from spaces import params_to_config
+
+CHECKPOINT_FILE = "checkpoint.pt"
+PANEL_IMAGES = 6
+"""Validation images shown in each trial's TensorBoard panel (the same ones every epoch)."""
+PANEL_EVERY = 5
+"""A panel at epoch 1 and every this many epochs after, and at the last epoch."""
+
+
+def train_trial(
+    params: dict[str, Any], *, archive: MarsArchive, base: dict[str, Any], workers: int = 0
+) -> None:
+    """Train one trial: `params` come from the search space, `base` fills everything else."""
+    config = params_to_config(params, TrainConfig.from_dict(base))
+    context = tune.get_context()
+    cpus = int(context.get_trial_resources().required_resources.get("CPU", 1))
+    trial_dir = Path(context.get_trial_dir())
+    data = prepare_data(config, archive)
+    panel = _PanelWriter(trial_dir, data, config)
+    node = {"node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()}
+
+    def on_epoch(metrics: dict[str, Any], state: EpochState) -> None:
+        panel.maybe_write(metrics, state)
+        with tempfile.TemporaryDirectory() as folder:
+            state.save(Path(folder) / CHECKPOINT_FILE)
+            tune.report({**metrics, **node}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    with tempfile.TemporaryDirectory() as folder:
+        resume = None
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            resume = Path(checkpoint.to_directory(folder)) / CHECKPOINT_FILE
+        try:
+            fit(
+                config,
+                data,
+                on_epoch=on_epoch,
+                checkpoint=resume,
+                num_threads=cpus,
+                workers=workers,
+            )
+        finally:
+            panel.close()
+
+
+class _PanelWriter:
+    """Writes a colour-coded input / truth / prediction panel to the trial's TensorBoard files."""
+
+    def __init__(self, trial_dir: Path, data: PreparedData, config: TrainConfig) -> None:
+        self.config = config
+        self.writer: SummaryWriter | None = None
+        self.trial_dir = trial_dir
+        self.images = self.masks = None
+        if data.val_images is not None:
+            # A spread of fixed images, big-rock ones first: the class the score hinges on.
+            rocky = np.flatnonzero((data.val_masks == 4).any(axis=(1, 2)))
+            rest = np.setdiff1d(np.arange(len(data.val_masks)), rocky)
+            chosen = np.concatenate([rocky[: PANEL_IMAGES // 2], rest])[:PANEL_IMAGES]
+            self.images, self.masks = data.val_images[chosen], data.val_masks[chosen]
+
+    def maybe_write(self, metrics: dict[str, Any], state: EpochState) -> None:
+        epoch = metrics["epoch"]
+        if self.images is None or not (
+            epoch == 1 or epoch % PANEL_EVERY == 0 or metrics["finished"]
+        ):
+            return
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.trial_dir))
+        device = next(state.model.parameters()).device
+        dtype = autocast_dtype_for(self.config, device)
+        preds = torch.cat(
+            [
+                decode(logits).cpu()
+                for _, logits in predict_logits(state.model, self.images, device, dtype)
+            ]
+        ).numpy()
+        panel = prediction_panel(self.images, self.masks, preds)
+        self.writer.add_image("val/input_truth_prediction", panel, epoch, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,118 @@
+"""The `Tuner` of a search: everything about scheduling lives in this one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from marsseg.config import TrainConfig
+from marsseg.data import MarsArchive
+from search.optuna_searcher import PruningOptunaSearch, sqlite_url
+from search.results import OBJECTIVE
+from search.trainable import train_trial
+from spaces import SearchSpace
+
+MAX_FAILURES = 3
+"""Retries of a crashed trial (from its last checkpoint) before it counts as failed."""
+STUDY_FILE = "optuna.db"
+
+
+def driver_folder(experiment: str) -> Path:
+    """Where the driver keeps the study and reports: the experiment folder itself when it is
+    local, else a folder of the same name under ./experiments (SQLite cannot live on S3)."""
+    if "://" not in experiment:
+        return Path(experiment)
+    return Path("experiments").resolve() / experiment.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _trainable(
+    archive: MarsArchive, base: TrainConfig, cpus_per_trial: float, gpus_per_trial: float
+) -> tune.Trainable:
+    """The trainable with the data in the object store (put there once, not per trial)."""
+    workers = max(0, int(cpus_per_trial) - 1)  # CPUs beyond the first feed online augmentation
+    with_data = tune.with_parameters(
+        train_trial, archive=archive, base=base.to_dict(), workers=workers
+    )
+    return tune.with_resources(with_data, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+
+
+def make_tuner(
+    *,
+    space: SearchSpace,
+    archive: MarsArchive,
+    base: TrainConfig,
+    name: str,
+    storage: str,
+    experiment: str,
+    num_samples: int,
+    max_epochs: int,
+    grace_period: int,
+    reduction_factor: float,
+    cpus_per_trial: float,
+    gpus_per_trial: float,
+    max_concurrent: int,
+    seed: int,
+    time_budget: float | None,
+) -> tune.Tuner:
+    searcher = PruningOptunaSearch(
+        space=space.space,
+        metric=OBJECTIVE,
+        mode="max",
+        objective_key="val_miou_best",
+        points_to_evaluate=space.points_to_evaluate or None,
+        seed=seed,
+        study_name=name,
+        storage=sqlite_url(driver_folder(experiment) / STUDY_FILE),
+    )
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        metric=OBJECTIVE,
+        mode="max",
+        max_t=max_epochs,
+        grace_period=min(grace_period, max_epochs),
+        reduction_factor=reduction_factor,
+    )
+    return tune.Tuner(
+        _trainable(archive, base, cpus_per_trial, gpus_per_trial),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent,
+            time_budget_s=time_budget,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute=OBJECTIVE,
+                checkpoint_score_order="max",
+            ),
+            verbose=1,
+        ),
+    )
+
+
+def _trial_dirname(trial: tune.experiment.Trial) -> str:
+    """Short trial folder names (Tune's default packs every parameter into the name)."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
+def restore_tuner(
+    experiment: str,
+    archive: MarsArchive,
+    base: TrainConfig,
+    cpus_per_trial: float,
+    gpus_per_trial: float,
+) -> tune.Tuner:
+    """Continue an interrupted experiment: finished trials stay, unfinished ones resume."""
+    return tune.Tuner.restore(
+        experiment,
+        trainable=_trainable(archive, base, cpus_per_trial, gpus_per_trial),
+        resume_errored=True,
+    )

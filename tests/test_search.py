@@ -1,0 +1,215 @@
+"""`python -m search.run` end to end on CPU: ASHA + TPE, outputs, resume and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import ray
+
+from marsseg.cli import run_cli
+from marsseg.config import TrainConfig, preset
+from marsseg.data import archive_from_arrays, save_archive
+from marsseg.data.synthetic import generate
+from marsseg.train import fit
+from search.run import main as search_main
+from search.tuner import STUDY_FILE
+from spaces import get_space
+
+TESTS = Path(__file__).parent
+SPACE = "search_space:space"  # tests/search_space.py: small enough for CPU tests
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+}
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in RAY_ENV.items():
+            mp.setenv(key, value)
+        yield
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_archive(tmp_path_factory):
+    s = generate(n_train=200, n_test=4, seed=5, n_aliens=0)
+    return save_archive(tmp_path_factory.mktemp("data") / "tiny.npz", s.training_set, s.test_set)
+
+
+def search_args(
+    archive: Path, storage: Path, name: str, samples: int = 8, space: str = SPACE, epochs: int = 3
+) -> list[str]:
+    return [
+        *("--space", space, "--data", str(archive), "--storage", str(storage), "--name", name),
+        *("--num-samples", str(samples), "--max-epochs", str(epochs), "--grace-period", "1"),
+        *("--reduction-factor", "2", "--max-concurrent", "2", "--seed", "0"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_search(ray_env, tiny_archive, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("experiments")
+    assert search_main(search_args(tiny_archive, storage, "s")) == 0
+    return storage / "s"
+
+
+def test_search_runs_trials_and_asha_stops_some(finished_search):
+    board = pd.read_csv(finished_search / "leaderboard.csv")
+    assert len(board) == 8 and board["rank"].tolist() == list(range(1, 9))
+    assert board["val_miou"].is_monotonic_decreasing
+    assert (board["status"] == "stopped").any(), "ASHA stopped no trial"
+    assert (board["epochs"] < 3).any() and (board["epochs"] == 3).any()
+
+
+def test_stopped_trials_are_pruned_in_optuna_and_reference_is_trial_0(finished_search):
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{finished_search / STUDY_FILE}")
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 8
+    assert trials[0].params == get_space(SPACE).points_to_evaluate[0]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert pruned and complete and len(pruned) + len(complete) == 8
+    for trial in pruned:
+        steps = sorted(trial.intermediate_values)
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) < 3
+    for trial in complete:
+        assert sorted(trial.intermediate_values) == [1, 2, 3]
+        assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
+
+
+def test_best_config_loads_and_trains(finished_search, tiny_archive):
+    from marsseg.data import load_archive
+
+    best = TrainConfig.load(finished_search / "best_config.yaml")
+    board = pd.read_csv(finished_search / "leaderboard.csv")
+    assert best.provenance["trial"] == str(board["trial"][0])
+    assert best.provenance["val_miou"] == pytest.approx(board["val_miou"][0], abs=1e-4)
+    assert {"data_checksum", "code_version", "seed"} <= set(best.provenance)
+    result = fit(best.replace(max_epochs=1), load_archive(tiny_archive), num_threads=2)
+    assert len(result.history) == 1
+
+
+def test_tensorboard_files_hold_scalars_and_image_panels(finished_search):
+    trial_dirs = [p for p in finished_search.iterdir() if p.name.startswith("train_trial_")]
+    assert len(trial_dirs) == 8
+    for trial_dir in trial_dirs:
+        events = b"".join(p.read_bytes() for p in trial_dir.glob("events.out.tfevents.*"))
+        assert b"val_miou" in events, trial_dir
+        assert b"val/input_truth_prediction" in events, trial_dir
+
+
+def test_reference_space_runs_the_recipe(ray_env, tiny_archive, tmp_path):
+    args = search_args(tiny_archive, tmp_path, "ref", samples=1, space="reference", epochs=1)
+    assert search_main(args) == 0
+    best = TrainConfig.load(tmp_path / "ref" / "best_config.yaml")
+    assert best == preset("reference").replace(max_epochs=1)
+
+
+def _epochs_per_trial(experiment: Path) -> dict[str, list[int]]:
+    runs = {}
+    for result in experiment.glob("train_trial_*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        runs[result.parent.name] = [line["epoch"] for line in lines]
+    return runs
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tiny_archive, tmp_path):
+    env = {**os.environ, **RAY_ENV}
+    command = [sys.executable, "-m", "search.run", *search_args(tiny_archive, tmp_path, "r", 6)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    experiment = tmp_path / "r"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        done = [e for e in _epochs_per_trial(experiment).values() if e and e[-1] == 3]
+        if len(done) >= 1 and len(_epochs_per_trial(experiment)) >= 3:
+            break
+        time.sleep(1)
+    assert process.poll() is None, "the search ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)  # what Ctrl-C does: Tune saves its state and stops
+    process.wait(timeout=120)
+    before = _epochs_per_trial(experiment)
+    assert 0 < len(before) < 6 or any(e[-1] < 3 for e in before.values())
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    after = _epochs_per_trial(experiment)
+    board = pd.read_csv(experiment / "leaderboard.csv")
+    assert len(board) == 6 and set(board["status"]) <= {"complete", "stopped"}
+    for trial, epochs in after.items():
+        # Epochs only ever continue: no trial restarted from epoch 1 after the interruption.
+        assert epochs == sorted(epochs) and len(epochs) == len(set(epochs)), (trial, epochs)
+        if before.get(trial) and before[trial][-1] == 3:
+            assert epochs == before[trial], f"finished trial {trial} ran again"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again once the socket is
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--data", "/nonexistent/mars.npz"], "archive not found: /nonexistent/mars.npz"),
+        (["--space", "nope"], "unknown search space 'nope'"),
+        (["--address", f"127.0.0.1:{_closed_port()}"], "cannot reach a Ray cluster at 127.0.0.1"),
+        (["--gpus-per-trial", "2"], "--gpus-per-trial 2 is more than any node has"),
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--resume"], "--resume needs --name"),
+    ],
+)
+def test_bad_input_gives_one_line(ray_env, tiny_archive, tmp_path, capsys, extra, expected):
+    if "--gpus-per-trial" in extra:
+        ray.shutdown()
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)  # one logical GPU
+    args = ["--data", str(tiny_archive), "--storage", str(tmp_path), *extra]
+    try:
+        assert run_cli(search_main, args) == 2
+    finally:
+        if "--gpus-per-trial" in extra:
+            ray.shutdown()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_unwritable_storage_and_bad_archive(tiny_archive, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert run_cli(search_main, ["--data", str(tiny_archive), "--storage", str(blocker / "x")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"junk")
+    assert run_cli(search_main, ["--data", str(bad), "--storage", str(tmp_path)]) == 2
+    assert "not a readable NumPy .npz archive" in capsys.readouterr().err
+
+
+def test_config_file_supplies_flags(tmp_path, capsys):
+    config = tmp_path / "search.yaml"
+    config.write_text("space: nope\nnum-samples: 3\n")
+    assert run_cli(search_main, ["--config", str(config)]) == 2
+    assert "unknown search space 'nope'" in capsys.readouterr().err
+    config.write_text("spaces: default\n")
+    assert run_cli(search_main, ["--config", str(config)]) == 2
+    assert "unknown key 'spaces'" in capsys.readouterr().err
+
+
+def test_archive_checksum_is_stable():
+    s = generate(n_train=8, n_test=1, seed=0, n_aliens=0)
+    a = archive_from_arrays(s.training_set, s.test_set)
+    assert a.checksum() == archive_from_arrays(s.training_set.copy()).checksum()

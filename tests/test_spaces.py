@@ -1,0 +1,70 @@
+"""Search spaces: what they sample, how parameters become configs, and their starting point."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from marsseg.config import preset
+from marsseg.errors import ConfigError
+from marsseg.models import list_models, model_knobs
+from spaces import SPACE_NAMES, get_space, params_to_config
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def sample(space_name: str, n: int, seed: int = 0) -> list[dict]:
+    """Parameters (plus the space's constants) of n trials drawn at random from a space."""
+    space = get_space(space_name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    drawn = []
+    for _ in range(n):
+        trial = study.ask()
+        constants = space.space(trial) or {}
+        drawn.append({**trial.params, **constants})
+        study.tell(trial, 0.0)
+    return drawn
+
+
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_reference_recipe_is_the_first_point_and_maps_to_the_preset(name):
+    space = get_space(name)
+    study = optuna.create_study(direction="maximize")
+    for point in space.points_to_evaluate:
+        study.enqueue_trial(point)
+    trial = study.ask()
+    params = {**trial.params, **(space.space(trial) or {})}
+    assert params_to_config(params, preset("reference")) == preset("reference")
+    assert bool(space.points_to_evaluate) == (name != "reference")
+
+
+def test_default_space_offers_every_registered_architecture_and_its_knobs():
+    drawn = sample("default", 150)
+    assert {params["arch"] for params in drawn} == set(list_models())
+    for params in drawn:
+        arch = params["arch"]
+        knob_params = {k for k in params if k.startswith(f"{arch}.")}
+        assert knob_params == {f"{arch}.{knob.name}" for knob in model_knobs(arch)}
+        assert not any(k.split(".")[0] in list_models() and k.split(".")[0] != arch for k in params)
+
+
+def test_every_sampled_point_is_a_valid_config():
+    base = preset("reference")
+    for params in sample("default", 60, seed=1) + sample("marsseg", 20, seed=2):
+        config = params_to_config(params, base)  # validates every field
+        assert config.model.name == params["arch"]
+        assert config.optim.lr == params["optim.lr"]
+        assert (config.loss.boundary_ramp > 0) == (params["loss.boundary"] == "on")
+        assert (config.loss.focal_weight > 0) == (params["loss.focal"] == "on")
+        assert config.max_epochs == base.max_epochs  # not sampled: from the base
+
+
+def test_marsseg_space_fixes_the_architecture():
+    assert {params["arch"] for params in sample("marsseg", 20)} == {"marsseg"}
+
+
+def test_unknown_spaces_are_one_line_errors():
+    with pytest.raises(ConfigError, match="unknown search space 'nope'; known: default"):
+        get_space("nope")
+    with pytest.raises(ConfigError, match="cannot load search space 'no_module:space'"):
+        get_space("no_module:space")
