@@ -50,3 +50,26 @@ def _private_cache(tmp_path_factory):
     import os
 
     os.environ["MARSSEG_CACHE"] = str(tmp_path_factory.mktemp("marsseg-cache"))
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    """Environment for tests that start Ray; Ray is shut down when the module is done."""
+    import ray
+    from search_helpers import RAY_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in RAY_ENV.items():
+            mp.setenv(key, value)
+        yield
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_archive(tmp_path_factory):
+    """A 200-image synthetic archive (no aliens) with a 4-image test set, as an .npz file."""
+    from marsseg.data import save_archive
+    from marsseg.data.synthetic import generate
+
+    s = generate(n_train=200, n_test=4, seed=5, n_aliens=0)
+    return save_archive(tmp_path_factory.mktemp("data") / "tiny.npz", s.training_set, s.test_set)

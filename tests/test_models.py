@@ -232,3 +232,48 @@ def test_table_lists_each_architecture(capsys):
     assert table_main(["--models", "segnet", "unet", "--batch-size", "1", "--repeats", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows] == ["architecture", "segnet", "unet"]
+
+
+@pytest.mark.parametrize(("stages", "weight"), [(2, 0.5), (3, 1.0), (3, 0.0)])
+def test_hunet_records_coarse_logits_for_deep_supervision_in_training_only(
+    stages, weight, labelled_batch
+):
+    images, masks = labelled_batch
+    knobs = {"depth": 2, "coarse_channels": 8, "refine_channels": 8}
+    model = build_model("hunet", stages=stages, deep_supervision=weight, **knobs)
+    model.train()(images[:2])
+    assert len(model.aux_logits) == (stages - 1 if weight else 0)
+    assert all(t.shape == (2, NUM_CLASSES, *IMAGE_SHAPE) for t in model.aux_logits)
+    aux = model.auxiliary_loss(F.cross_entropy, masks[:2])
+    if weight:
+        aux.backward()
+        coarse = model.stages[0].classifier.weight
+        assert coarse.grad is not None and coarse.grad.any()
+    else:
+        assert aux.item() == 0
+    with torch.no_grad():
+        model.eval()(images[:1])
+    assert model.aux_logits == [] and model.auxiliary_loss(F.cross_entropy, masks[:1]) == 0
+
+
+def test_hmsa_fuses_two_scales_in_training_and_its_scale_set_at_inference(labelled_batch):
+    from marsseg.models.hmsa import BASES, SCALE_SETS, TRAIN_SCALES, parse_scales
+
+    images, _ = labelled_batch
+    assert set(BASES) <= set(ARCHITECTURES) and not {"hmsa", "hunet"} & set(BASES)
+    assert all(1.0 in parse_scales(choice) for choice in SCALE_SETS)
+    assert TRAIN_SCALES == (1.0, 0.5)
+    model = build_model("hmsa", base="segnet", scales="1.0").eval()
+    with torch.no_grad():  # one scale: the base alone, the attention has nothing to weigh
+        assert torch.equal(model(images[:1]), model.base(images[:1]))
+        model.inference_scales = parse_scales("0.5,1.0,2.0")
+        assert model(images[:1]).shape == (1, NUM_CLASSES, *IMAGE_SHAPE)
+
+
+@pytest.mark.parametrize(("output_stride", "deep_size"), [(8, (8, 16)), (16, (4, 8))])
+def test_efferdeepnet_taps_and_deep_map_resolutions(output_stride, deep_size):
+    model = build_model("efferdeepnet", output_stride=output_stride).eval()
+    with torch.no_grad():
+        taps = model.encoder(torch.rand(1, 1, *IMAGE_SHAPE))
+    assert [tuple(t.shape[-2:]) for t in taps] == [(32, 64), (16, 32), deep_size]
+    assert [t.shape[1] for t in taps] == list(model.encoder.channels)

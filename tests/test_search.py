@@ -15,49 +15,16 @@ import optuna
 import pandas as pd
 import pytest
 import ray
+from search_helpers import RAY_ENV, SPACE, search_args
 
 from marsseg.cli import run_cli
 from marsseg.config import TrainConfig, preset
-from marsseg.data import archive_from_arrays, save_archive
+from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
 from marsseg.train import fit
 from search.run import main as search_main
 from search.tuner import STUDY_FILE
 from spaces import get_space
-
-TESTS = Path(__file__).parent
-SPACE = "search_space:space"  # tests/search_space.py: small enough for CPU tests
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-}
-
-
-@pytest.fixture(scope="module")
-def ray_env():
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in RAY_ENV.items():
-            mp.setenv(key, value)
-        yield
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_archive(tmp_path_factory):
-    s = generate(n_train=200, n_test=4, seed=5, n_aliens=0)
-    return save_archive(tmp_path_factory.mktemp("data") / "tiny.npz", s.training_set, s.test_set)
-
-
-def search_args(
-    archive: Path, storage: Path, name: str, samples: int = 8, space: str = SPACE, epochs: int = 3
-) -> list[str]:
-    return [
-        *("--space", space, "--data", str(archive), "--storage", str(storage), "--name", name),
-        *("--num-samples", str(samples), "--max-epochs", str(epochs), "--grace-period", "1"),
-        *("--reduction-factor", "2", "--max-concurrent", "2", "--seed", "0"),
-    ]
 
 
 @pytest.fixture(scope="module")
