@@ -23,8 +23,8 @@ from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
 from marsseg.losses import CombinedLoss
 from marsseg.models import list_models
+from marsseg.precision import autocast_dtype_for
 from marsseg.train import evaluate, fit, prepare_data, resolve_device
-from marsseg.train.loop import autocast_dtype_for
 
 
 def main() -> None:

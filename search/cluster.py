@@ -1,4 +1,16 @@
-"""Connecting to Ray and checking, before any trial starts, that the request can be served."""
+"""Connecting to Ray and checking, before any trial starts, that the request can be served.
+
+Two facts about a cluster decide what a search may do, and both are checked here rather than
+discovered by a trial hours later:
+
+- Capacity: what the live nodes offer plus what the autoscaler may still add. A cluster from
+  `ray up cluster.yaml` starts with no GPU worker (`min_workers: 0`); judged by its live nodes
+  alone, a GPU search would be refused and run one trial at a time.
+- Storage: every node writes checkpoints to the experiment folder and a retried trial reads
+  them back on another node, so on a cluster of several nodes the folder must be one that
+  every node reaches: an object store URI (`s3://...`), or a path on a filesystem every node
+  mounts, declared as such with `file:///...`. A plain path is taken as local to this machine.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +20,22 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
 
 import ray
+import yaml
 
 from marsseg.errors import MarsSegError
+
+AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")
+"""Where `ray up` leaves the cluster config on the head node (Ray Tune looks for the same file
+to tell an autoscaling cluster); a search started there reads the worker types from it."""
+HEAD_RESOURCE = "node:__internal_head__"
+"""The resource Ray puts on the head node only."""
+SHARED_PATH_SCHEME = "file"
+"""`--storage file:///mnt/nfs/x` says: /mnt/nfs/x is on a filesystem that every node mounts."""
 
 
 class SearchError(MarsSegError):
@@ -20,13 +44,41 @@ class SearchError(MarsSegError):
 
 @dataclass(frozen=True)
 class Capacity:
-    """What the connected cluster offers."""
+    """What the connected cluster offers, counting the workers its autoscaler may add."""
 
     nodes: int
+    """Live nodes now."""
     cpus: float
     gpus: float
     max_gpus_per_node: float
     max_cpus_per_node: float
+    max_nodes: int = 0
+    """Nodes the cluster may grow to (the live ones when no autoscaler can add any)."""
+
+    @property
+    def multi_node(self) -> bool:
+        """Whether trials may run on more than one machine, now or once the cluster scales."""
+        return max(self.nodes, self.max_nodes) > 1
+
+    def describe(self) -> str:
+        """One line for the start of a search, e.g. `3 node(s), 4 CPUs, 2 GPUs`."""
+        totals = f"{self.cpus:g} CPUs, {self.gpus:g} GPUs"
+        if self.max_nodes <= self.nodes:
+            return f"{self.nodes} node(s), {totals}"
+        return (
+            f"{self.nodes} node(s) now, up to {self.max_nodes} as the autoscaler adds workers "
+            f"({totals} then)"
+        )
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where the experiments go, as Tune is given it, and whether every node reaches it."""
+
+    path: str
+    """An absolute local path or a remote URI: what `RunConfig(storage_path=...)` receives."""
+    shared: bool
+    """A remote URI, or a path declared mounted on every node with `file://`."""
 
 
 def connect(address: str | None) -> None:
@@ -55,16 +107,77 @@ def connect(address: str | None) -> None:
         ) from None
 
 
-def capacity() -> Capacity:
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    resources = [n.get("Resources", {}) for n in nodes]
-    return Capacity(
-        nodes=len(nodes),
+def capacity(autoscaler_config: Path | None = None) -> Capacity:
+    """The live nodes' resources, raised to what the autoscaler may add when its config is given.
+
+    `autoscaler_config` is the cluster launcher's config (`AUTOSCALER_CONFIG` on a head node);
+    a missing file means no autoscaler, as on a local Ray or a hand-started cluster.
+    """
+    resources = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    live = Capacity(
+        nodes=len(resources),
         cpus=sum(r.get("CPU", 0) for r in resources),
         gpus=sum(r.get("GPU", 0) for r in resources),
         max_gpus_per_node=max((r.get("GPU", 0) for r in resources), default=0),
         max_cpus_per_node=max((r.get("CPU", 0) for r in resources), default=0),
+        max_nodes=len(resources),
     )
+    if autoscaler_config is None or not autoscaler_config.expanduser().is_file():
+        return live
+    head = [r for r in resources if HEAD_RESOURCE in r]
+    return with_autoscaling(live, _read_yaml(autoscaler_config.expanduser()), head)
+
+
+def with_autoscaling(
+    live: Capacity, config: dict[str, Any], head: list[dict[str, float]]
+) -> Capacity:
+    """`live` raised to the most the launcher config's worker types can add beside the head.
+
+    Each worker type counts up to its `max_workers`, and all of them together up to the global
+    `max_workers`, the biggest nodes first: an upper bound, which is what sizing the search's
+    concurrency needs (Tune queues the trials the cluster cannot place yet, and the autoscaler
+    adds nodes for them).
+    """
+    node_types = config.get("available_node_types") or {}
+    budget = int(config.get("max_workers", 0))
+    workers = [
+        (int(spec.get("max_workers", budget)), spec.get("resources") or {})
+        for name, spec in node_types.items()
+        if name != config.get("head_node_type")
+    ]
+    if not workers or budget <= 0:
+        return live
+
+    def most(key: str) -> float:
+        total, left = 0.0, budget
+        for count, res in sorted(workers, key=lambda w: -float(w[1].get(key, 0))):
+            take = min(count, left)
+            total, left = total + take * float(res.get(key, 0)), left - take
+        return total
+
+    max_nodes = len(head) + min(budget, sum(count for count, _ in workers))
+    return Capacity(
+        nodes=live.nodes,
+        cpus=max(live.cpus, sum(r.get("CPU", 0) for r in head) + most("CPU")),
+        gpus=max(live.gpus, sum(r.get("GPU", 0) for r in head) + most("GPU")),
+        max_gpus_per_node=max(
+            [live.max_gpus_per_node] + [float(r.get("GPU", 0)) for _, r in workers]
+        ),
+        max_cpus_per_node=max(
+            [live.max_cpus_per_node] + [float(r.get("CPU", 0)) for _, r in workers]
+        ),
+        max_nodes=max(live.max_nodes, max_nodes),
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SearchError(f"cannot read the autoscaler config {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise SearchError(f"the autoscaler config {path} is not a mapping")
+    return config
 
 
 def check_trial_resources(cap: Capacity, cpus_per_trial: float, gpus_per_trial: float) -> None:
@@ -90,23 +203,48 @@ def concurrent_trials(cap: Capacity, cpus_per_trial: float, gpus_per_trial: floa
     return max(1, int(min(by_cpu, by_gpu)))
 
 
-def check_storage(storage: str) -> str:
-    """Make sure the experiment storage exists and is writable; return it (absolute if local)."""
-    if "://" in storage:
-        import pyarrow.fs
+def check_storage(storage: str) -> Storage:
+    """Make sure the experiment storage exists and is writable; say whether all nodes reach it.
 
-        try:
-            fs, path = pyarrow.fs.FileSystem.from_uri(storage)
-            fs.create_dir(path, recursive=True)
-            probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
-            with fs.open_output_stream(probe) as stream:
-                stream.write(b"ok")
-            fs.delete_file(probe)
-        except Exception as err:  # pyarrow raises many kinds; all mean "cannot use it"
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SearchError(f"storage {storage} is not writable: {first}") from None
-        return storage
-    path = os.path.abspath(os.path.expanduser(storage))
+    `file:///abs/path` is a local path that the user declares mounted on every node; it reaches
+    Tune as the plain path (Ray treats both alike), so the study and the leaderboard sit in the
+    experiment folder beside the trials, as they do for a local path.
+    """
+    if urlparse(storage).scheme == SHARED_PATH_SCHEME:
+        return Storage(_writable_dir(_shared_path(storage)), shared=True)
+    if "://" in storage:
+        _check_remote(storage)
+        return Storage(storage, shared=True)
+    return Storage(_writable_dir(os.path.abspath(os.path.expanduser(storage))), shared=False)
+
+
+def _shared_path(storage: str) -> str:
+    parsed = urlparse(storage)
+    path = unquote(parsed.path)
+    if parsed.netloc or not os.path.isabs(path):
+        raise SearchError(
+            f"--storage {storage}: a file:// storage must be an absolute path on this machine, "
+            "e.g. file:///mnt/nfs/experiments"
+        )
+    return path
+
+
+def _check_remote(storage: str) -> None:
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+        fs.create_dir(path, recursive=True)
+        probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as err:  # pyarrow raises many kinds; all mean "cannot use it"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SearchError(f"storage {storage} is not writable: {first}") from None
+
+
+def _writable_dir(path: str) -> str:
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-probe-{uuid.uuid4().hex}")
@@ -117,3 +255,26 @@ def check_storage(storage: str) -> str:
     except OSError as err:
         raise SearchError(f"storage {path} is not writable: {err.strerror or err}") from None
     return path
+
+
+def check_shared_storage(storage: Storage, cap: Capacity) -> None:
+    """Refuse a node-local experiment folder when trials may run on other machines.
+
+    Each trial writes its checkpoints from the node it runs on, and a trial retried after its
+    node died resumes from them on another node: on a path local to each machine the
+    checkpoints would scatter over the workers' disks, and the retry would start from epoch 1.
+    """
+    if storage.shared or not cap.multi_node:
+        return
+    nodes = (
+        f"the cluster has {cap.nodes} nodes"
+        if cap.nodes > 1
+        else f"the cluster can grow to {cap.max_nodes} nodes"
+    )
+    raise SearchError(
+        f"storage {storage.path} is a path on this machine only, but {nodes}: trials on other "
+        "nodes would write their checkpoints to their own disks, where neither this search nor "
+        "a trial retried on another node can read them. Use --storage s3://bucket/prefix, or, "
+        "if the path is on a filesystem every node mounts (NFS, EFS), say so with "
+        f"--storage file://{storage.path}"
+    )

@@ -17,6 +17,7 @@ from ray.tune import ResultGrid
 
 import marsseg
 from marsseg.config import TrainConfig
+from marsseg.report import describe_augment, describe_loss
 from marsseg.train.loop import IOU_KEYS
 from spaces import params_to_config
 
@@ -41,6 +42,10 @@ class TrialSummary:
     """val_miou and per-class IoU at the best epoch."""
     time_s: float
     node: str
+    """The host of the trial's last epoch."""
+    node_ids: tuple[str, ...] = ()
+    """The Ray nodes the trial ran on, in order: more than one when it was retried elsewhere
+    after its node died (hosts alone cannot tell apart several nodes on one machine)."""
 
 
 def summarise(results: ResultGrid, base: TrainConfig) -> list[TrialSummary]:
@@ -63,6 +68,7 @@ def summarise(results: ResultGrid, base: TrainConfig) -> list[TrialSummary]:
                 scores={key: float(best[key]) for key in (OBJECTIVE, *IOU_KEYS.values())},
                 time_s=float(last.get("time_total_s", 0.0)),
                 node=str(last.get("hostname", "")),
+                node_ids=_nodes_in_order(history),
             )
         )
     return sorted(summaries, key=lambda s: s.scores[OBJECTIVE], reverse=True)
@@ -80,8 +86,7 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
                 "arch": c.model.name,
                 "knobs": " ".join(f"{k}={_short(v)}" for k, v in c.model.knobs.items()),
                 "loss": describe_loss(c),
-                "augment": f"{c.augment.preset} i={c.augment.intensity:.2f}"
-                + (" +photo" if c.augment.photometric else ""),
+                "augment": describe_augment(c),
                 "oversample": round(c.oversample, 2),
                 "lr": c.optim.lr,
                 "batch": c.batch_size,
@@ -91,23 +96,17 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
                 "status": s.status,
                 "time_s": round(s.time_s, 1),
                 "node": s.node,
+                "node_id": " > ".join(s.node_ids),
             }
         )
     return pd.DataFrame(rows)
 
 
-def describe_loss(config: TrainConfig) -> str:
-    """The loss terms in play, e.g. `ce+dice0.30+boundary(ramp0.005) w=inverse_sqrt`."""
-    loss = config.loss
-    terms = [f"ce{loss.ce_weight:g}" if loss.ce_weight != 1 else "ce"]
-    if loss.dice_weight:
-        terms.append(f"dice{loss.dice_weight:.2f}")
-    if loss.focal_weight:
-        terms.append(f"focal{loss.focal_weight:.2f}")
-    if loss.boundary_weight or loss.boundary_ramp:
-        terms.append(f"boundary(ramp{loss.boundary_ramp:.3f})")
-    weights = "" if loss.class_weights == "none" else f" w={loss.class_weights}"
-    return "+".join(terms) + weights
+def _nodes_in_order(history: pd.DataFrame) -> tuple[str, ...]:
+    """The distinct node ids of a trial's epochs, first seen first (none in older experiments)."""
+    if "node_id" not in history:
+        return ()
+    return tuple(dict.fromkeys(str(n) for n in history["node_id"].dropna()))
 
 
 def _short(value: Any) -> str:

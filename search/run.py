@@ -32,8 +32,10 @@ from marsseg.data import MarsArchive, load_clean_archive
 from marsseg.data.synthetic import default_archive_path
 from marsseg.errors import ConfigError
 from search.cluster import (
+    AUTOSCALER_CONFIG,
     SearchError,
     capacity,
+    check_shared_storage,
     check_storage,
     check_trial_resources,
     concurrent_trials,
@@ -81,11 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cpus-per-trial", type=float, default=1, help="CPUs per trial (torch threads)")
     add("--max-concurrent", type=int, help="trials at once (default: what the cluster holds)")
     add("--address", help="Ray address: 'auto' joins a cluster from `ray up` (default: local)")
-    add("--storage", default="experiments", help="experiments folder, or s3://bucket/prefix")
+    add(
+        "--storage",
+        default="experiments",
+        help="experiments folder; on a cluster s3://bucket/prefix, or file:///path for a folder "
+        "every node mounts",
+    )
     add("--name", help="experiment name (default: <space>-<time>); reuse it to resume")
     add("--resume", action="store_true", help="continue the experiment --name (must exist)")
     add("--seed", type=int, default=0, help="seed of the sampler and of every trial's training")
     add("--time-budget", type=float, help="stop the whole search after this many seconds")
+    add("--final", action="store_true", help="then export the best config and run search.final")
+    add("--final-arch", default="marsseg", help="architecture --final retrains, or 'any'")
+    add("--final-folds", type=int, help="--final trains a k-fold ensemble (see search.final)")
+    add("--final-epochs", type=int, help="--final's epochs (default: derived from the search)")
     return parser
 
 
@@ -156,17 +167,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = base_config(args)
     storage = check_storage(args.storage)
     name = args.name or f"{args.space}-{time.strftime('%Y%m%d-%H%M%S')}"
-    experiment = f"{storage.rstrip('/')}/{name}"
+    experiment = f"{storage.path.rstrip('/')}/{name}"
 
     connect(args.address)
-    cap = capacity()
+    # Only a cluster joined by address can have an autoscaler; a fresh local Ray never grows.
+    cap = capacity(AUTOSCALER_CONFIG if args.address else None)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cap.gpus else 0.0)
     check_trial_resources(cap, args.cpus_per_trial, gpus)
-    if cap.nodes > 1 and "://" not in storage:
-        _check_shared_storage(storage)
+    check_shared_storage(storage, cap)
     concurrent = args.max_concurrent or concurrent_trials(cap, args.cpus_per_trial, gpus)
     print(
-        f"ray: {cap.nodes} node(s), {cap.cpus:g} CPUs, {cap.gpus:g} GPUs; trials use "
+        f"ray: {cap.describe()}; trials use "
         f"{args.cpus_per_trial:g} CPU + {gpus:g} GPU, {concurrent} at a time"
     )
 
@@ -187,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             archive=archive,
             base=base,
             name=name,
-            storage=storage,
+            storage=storage.path,
             experiment=experiment,
             num_samples=args.num_samples,
             max_epochs=args.max_epochs,
@@ -201,7 +212,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     results = tuner.fit()
     report(results, experiment, base, archive)
+    if args.final:
+        run_final(args, experiment)
     return 0
+
+
+def run_final(args: argparse.Namespace, experiment: str) -> None:
+    """search -> export -> final in one go: the best config of `--final-arch`, retrained."""
+    from search import export, final
+
+    out = Path("results") / Path(experiment.rstrip("/")).name
+    export.export(experiment, top_k=5, arch=args.final_arch, out=out)
+    final_args = ["--config", str(out / BEST_CONFIG), "--out", str(out / "final")]
+    if args.data:
+        final_args += ["--data", str(args.data)]
+    if args.final_folds:
+        final_args += ["--folds", str(args.final_folds)]
+    if args.final_epochs:
+        final_args += ["--epochs", str(args.final_epochs)]
+    final.main(final_args)
 
 
 def report(results: ResultGrid, experiment: str, base: TrainConfig, archive: MarsArchive) -> None:
@@ -219,14 +248,6 @@ def report(results: ResultGrid, experiment: str, base: TrainConfig, archive: Mar
     print(f"\nwrote {folder / LEADERBOARD} and {folder / BEST_CONFIG} ({summaries[0].trial_id})")
     print(f"watch it: tensorboard --logdir {experiment}")
     print(f"          optuna-dashboard sqlite:///{folder / STUDY_FILE}")
-
-
-def _check_shared_storage(storage: str) -> None:
-    raise SearchError(
-        f"storage {storage} is a local path but the cluster has several nodes: trials on other "
-        "nodes could not write their checkpoints there. Use --storage s3://bucket/prefix "
-        "(or a path on a filesystem every node mounts, given as file://...)"
-    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.data.figures import prediction_panel
 from marsseg.metrics import decode
+from marsseg.precision import autocast_dtype_for
 from marsseg.train import EpochState, PreparedData, fit, predict_logits, prepare_data
-from marsseg.train.loop import autocast_dtype_for
 from spaces import params_to_config
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -41,10 +41,18 @@ def train_trial(
     config = params_to_config(params, TrainConfig.from_dict(base))
     context = tune.get_context()
     cpus = int(context.get_trial_resources().required_resources.get("CPU", 1))
-    trial_dir = Path(context.get_trial_dir())
+    # Tune runs the trial in its own working folder, which `SyncConfig(sync_artifacts=True)`
+    # uploads to the experiment's storage: files written here reach it from any node.
+    trial_dir = Path.cwd()
     data = prepare_data(config, archive)
     panel = _PanelWriter(trial_dir, data, config)
-    node = {"node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()}
+    # Where this run of the trial lives: the node id tells apart nodes that share a host (and a
+    # trial retried after its node died reports a different one from then on).
+    node = {
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
 
     def on_epoch(metrics: dict[str, Any], state: EpochState) -> None:
         panel.maybe_write(metrics, state)

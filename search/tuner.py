@@ -93,6 +93,9 @@ def make_tuner(
                 checkpoint_score_attribute=OBJECTIVE,
                 checkpoint_score_order="max",
             ),
+            # The trials' own files (TensorBoard image panels) live in their working folders on
+            # whichever node ran them; this uploads them beside the checkpoints.
+            sync_config=tune.SyncConfig(sync_artifacts=True),
             verbose=1,
         ),
     )

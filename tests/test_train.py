@@ -13,9 +13,9 @@ from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
 from marsseg.errors import ConfigError
 from marsseg.losses import CombinedLoss
+from marsseg.predict import load_models
 from marsseg.train import EPOCH_METRICS, evaluate, fit, prepare_data
 from marsseg.train.__main__ import main as train_main
-from marsseg.train.state import load_model
 
 TIMING_KEYS = {"epoch_time_s", "train_images_per_s", "data_wait_fraction"}
 
@@ -164,9 +164,21 @@ def test_cli_trains_the_reference_preset_and_resumes(tmp_path, capsys):
     for name in ("config.yaml", "metrics.csv", "checkpoint.pt", "model.pt"):
         assert (out / name).is_file()
     assert TrainConfig.load(out / "config.yaml").max_epochs == 1
-    config, model = load_model(out / "model.pt")
+    config, (model,) = load_models(out / "model.pt")
     assert config.model.name == "marsseg"
     assert model(torch.zeros(1, 1, 64, 128)).shape == (1, 5, 64, 128)
     # The same command again finds the finished checkpoint and trains no more.
     assert train_main(args) == 0
     assert "resuming from" in capsys.readouterr().out
+
+
+def test_deep_supervision_adds_the_coarse_stages_loss(small_archive, tmp_path):
+    """hunet's `deep_supervision` weight must change training: the loop adds its aux loss."""
+    knobs = {"stages": 2, "depth": 2, "coarse_channels": 8, "refine_channels": 8}
+    losses = []
+    for weight in (0.0, 1.0):
+        config = small_config(
+            max_epochs=1, model={"name": "hunet", "knobs": {**knobs, "deep_supervision": weight}}
+        )
+        losses.append(run(config, small_archive, tmp_path)[1][0]["train_loss"])
+    assert losses[1] > losses[0]

@@ -57,7 +57,7 @@ def plot_samples(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_class_distribution(
@@ -73,10 +73,11 @@ def plot_class_distribution(
         ax.set_yscale("log")
     ax.set_title("Class distribution")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
+def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
+    """Write a figure as a PNG (folders created) and release its memory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -24,9 +24,9 @@ from marsseg.cli import run_cli
 from marsseg.config import PRESETS, TrainConfig, preset
 from marsseg.data import load_clean_archive
 from marsseg.data.synthetic import default_archive_path
+from marsseg.predict import save_models
 from marsseg.train import EpochState, fit
 from marsseg.train.loop import IOU_KEYS
-from marsseg.train.state import save_model
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_threads=args.threads,
             workers=args.workers,
         )
-    save_model(out / MODEL, config, result.model)
+    save_models(out / MODEL, config, [result.model])
     best = f"best val mIoU {result.best_score:.4f} at epoch {result.best_epoch}"
     print(f"done ({result.stop_reason}); {best if result.best_epoch else 'no validation set'}")
     print(f"wrote {out / MODEL}, {out / 'metrics.csv'}, {out / 'config.yaml'}")

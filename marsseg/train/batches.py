@@ -48,11 +48,20 @@ class PreparedData:
 
 
 def prepare_data(
-    config: TrainConfig, archive: MarsArchive, cache_dir: str | os.PathLike | None = None
+    config: TrainConfig,
+    archive: MarsArchive,
+    cache_dir: str | os.PathLike | None = None,
+    split: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> PreparedData:
     """Split, augment offline (cached per data/preset/seed and shared by trials on a node),
-    and compute what the loss needs once, not per step."""
-    if config.val_fraction > 0:
+    and compute what the loss needs once, not per step.
+
+    `split` gives (train, validation) indices explicitly, as k-fold training does; by default
+    the config's `val_fraction` and `seed` draw a stratified split (none when it is 0).
+    """
+    if split is not None:
+        train_idx, val_idx = split
+    elif config.val_fraction > 0:
         train_idx, val_idx = train_val_split(archive.masks, config.val_fraction, config.seed)
     else:
         train_idx, val_idx = np.arange(len(archive)), None

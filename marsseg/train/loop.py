@@ -34,6 +34,7 @@ from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.losses import CombinedLoss
 from marsseg.metrics import ConfusionMeter, Scores, decode
+from marsseg.precision import autocast, autocast_dtype_for
 from marsseg.sampling import oversample_indices
 from marsseg.train.batches import Batches, PreparedData, epoch_seed, prepare_data
 from marsseg.train.state import EpochState
@@ -73,12 +74,6 @@ class FitResult:
 
 
 OnEpoch = Callable[[dict[str, Any], EpochState], None]
-
-
-def autocast_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast under `precision: bf16`, or `auto` on CUDA; None means plain fp32."""
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    return torch.bfloat16 if bf16 else None
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -220,9 +215,12 @@ def _train_epoch(
         images, masks, dist = batch
         if device_type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(total.device, autocast_dtype):
             logits = model(images)
         loss = criterion(logits.float(), masks, dist_maps=dist, epoch=epoch)
+        auxiliary = getattr(model, "auxiliary_loss", None)  # deep supervision (e.g. hunet)
+        if auxiliary is not None:
+            loss = loss + auxiliary(criterion, masks, dist_maps=dist, epoch=epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -248,7 +246,7 @@ def predict_logits(
         batch = images[window].to(device, non_blocking=True).unsqueeze(1)
         if device.type == "cuda":
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             yield window, model(batch).float()
 
 

@@ -73,25 +73,3 @@ def _rng_states() -> dict[str, Any]:
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
-
-
-def save_model(path: str | os.PathLike, config: TrainConfig, model: nn.Module) -> Path:
-    """Write a model file: its weights and the config that builds it (no pickled code)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as temp:
-        torch.save({"config": config.to_dict(), "model": state}, temp)
-    return Path(path)
-
-
-def load_model(path: str | os.PathLike) -> tuple[TrainConfig, nn.Module]:
-    """Rebuild a model written by `save_model`, with `weights_only=True` (tensors and data only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
-        raise ConfigError(f"{path} is not a marsseg model file (expected 'config' and 'model')")
-    config = TrainConfig.from_dict(state["config"])
-    model = config.model.build()
-    model.load_state_dict(state["model"])
-    return config, model.eval()

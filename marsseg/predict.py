@@ -1,0 +1,98 @@
+"""Prediction: one model or an ensemble, with flip test-time augmentation and metric-aware decoding.
+
+Probabilities are averaged per batch (over models and over the flipped copy) and decoded at once,
+so predicting 10k test images never holds more than one batch of probabilities. Model files hold
+the config and the weights of every member (`weights_only=True` loads them: no pickled code).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from marsseg.config import TrainConfig
+from marsseg.errors import ConfigError
+from marsseg.fileio import atomic_path
+from marsseg.metrics import decode
+
+BATCH = 256
+
+
+@torch.no_grad()
+def predict_probabilities(
+    models: Sequence[nn.Module],
+    images: torch.Tensor,
+    tta: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Mean softmax (B, 5, H, W) of every model, and of its horizontally flipped view with `tta`.
+
+    A flip is the one augmentation that keeps rover images plausible (the sky stays up); the
+    prediction on the flipped image is flipped back before averaging.
+    """
+    total = torch.zeros(())
+    views = [False, True] if tta else [False]
+    for model in models:
+        model.eval()
+        for flip in views:
+            x = images.flip(-1) if flip else images
+            with torch.autocast(
+                x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                probs = model(x).float().softmax(dim=1)
+            total = total + (probs.flip(-1) if flip else probs)
+    return total / (len(models) * len(views))
+
+
+def predict_masks(
+    models: Sequence[nn.Module],
+    images: np.ndarray,
+    device: torch.device | str = "cpu",
+    *,
+    tta: bool = True,
+    metric_aware: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+    batch_size: int = BATCH,
+) -> np.ndarray:
+    """Labels (N, H, W) uint8 for images (N, H, W) in [0, 1], in order."""
+    device = torch.device(device)
+    models = [m.to(device) for m in models]
+    out = np.empty(images.shape, dtype=np.uint8)
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        probs = predict_probabilities(models, batch.to(device).unsqueeze(1), tta, autocast_dtype)
+        out[start : start + len(batch)] = decode(probs, metric_aware=metric_aware).cpu().numpy()
+    return out
+
+
+def save_models(path: str | os.PathLike, config: TrainConfig, models: Sequence[nn.Module]) -> Path:
+    """Write the members' weights and the config that builds them, atomically."""
+    states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
+    with atomic_path(path) as temp:
+        torch.save({"config": config.to_dict(), "models": states}, temp)
+    return Path(path)
+
+
+def load_models(path: str | os.PathLike) -> tuple[TrainConfig, list[nn.Module]]:
+    """Rebuild the models written by `save_models`, in eval mode, on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several kinds for a file that is not a checkpoint
+        raise ConfigError(f"{path} is not a readable model file ({type(err).__name__})") from None
+    if not isinstance(state, dict) or not {"config", "models"} <= state.keys():
+        raise ConfigError(f"{path} is not a marsseg model file (expected 'config' and 'models')")
+    config = TrainConfig.from_dict(state["config"])
+    models = []
+    for weights in state["models"]:
+        model = config.model.build()
+        model.load_state_dict(weights)
+        models.append(model.eval())
+    return config, models

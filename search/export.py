@@ -1,0 +1,101 @@
+"""`python -m search.export EXPERIMENT`: write the top configurations of a search as YAML files.
+
+    python -m search.export experiments/marsseg-1                 # top 5 MarsSeg configs
+    python -m search.export experiments/default-1 --arch any --top-k 10 --out results/default-1
+
+Works on a finished or a running experiment. Each file is a full training config with its
+provenance (trial, score, seed, data checksum, code version): `top-01-<trial>.yaml`, ... and
+`best_config.yaml`, the first of them. `python -m search.final --config` trains one for real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ray.tune import ExperimentAnalysis, ResultGrid
+
+from marsseg.cli import run_cli
+from marsseg.config import TrainConfig
+from marsseg.models import list_models
+from search.cluster import SearchError
+from search.results import (
+    BASE_CONFIG,
+    BEST_CONFIG,
+    TrialSummary,
+    leaderboard,
+    summarise,
+    with_provenance,
+)
+from search.tuner import driver_folder
+
+SUMMARY_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "epochs", "best_epoch", "val_miou"]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m search.export", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("experiment", help="experiment folder (or URI) written by search.run")
+    parser.add_argument("--top-k", type=int, default=5, help="how many configs (default 5)")
+    parser.add_argument(
+        "--arch",
+        default="marsseg",
+        help="only this architecture, or 'any' (default: marsseg, for the final MarsSeg stage)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder for the YAML files (default: results/<name>)"
+    )
+    return parser.parse_args(argv)
+
+
+def load_experiment(experiment: str) -> tuple[list[TrialSummary], TrainConfig]:
+    """The trials of an experiment, best first, and its base config; one line if it is missing."""
+    folder = driver_folder(experiment)
+    if not (folder / BASE_CONFIG).is_file():
+        raise SearchError(f"no search experiment at {experiment} (missing {BASE_CONFIG})")
+    base = TrainConfig.load(folder / BASE_CONFIG)
+    try:
+        results = ResultGrid(ExperimentAnalysis(experiment))
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise SearchError(f"cannot read the experiment at {experiment}: {err}") from None
+    return summarise(results, base), base
+
+
+def export(
+    experiment: str, top_k: int = 5, arch: str = "marsseg", out: Path | None = None
+) -> list[Path]:
+    """Write the top-k configs of `arch` (or of any architecture) and return their paths."""
+    if arch != "any" and arch not in list_models():
+        raise SearchError(
+            f"--arch must be 'any' or one of {', '.join(list_models())}, got {arch!r}"
+        )
+    if top_k < 1:
+        raise SearchError(f"--top-k must be >= 1, got {top_k}")
+    summaries, base = load_experiment(experiment)
+    chosen = [s for s in summaries if arch == "any" or s.config.model.name == arch][:top_k]
+    if not chosen:
+        raise SearchError(f"no trial of architecture {arch!r} reported a score in {experiment}")
+    out = out or Path("results") / Path(experiment.rstrip("/")).name
+    checksum = base.provenance.get("data_checksum", "")
+    paths = []
+    for rank, summary in enumerate(chosen, start=1):
+        config = with_provenance(summary, experiment, checksum)
+        paths.append(config.save(out / f"top-{rank:02d}-{summary.trial_id}.yaml"))
+        if rank == 1:
+            config.save(out / BEST_CONFIG)
+    print(leaderboard(chosen)[SUMMARY_COLUMNS].to_string(index=False))
+    print(f"\nwrote {len(paths)} configs and {out / BEST_CONFIG}")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    export(args.experiment, args.top_k, args.arch, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
