@@ -15,16 +15,15 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 from ray import tune
 from tensorboardX import SummaryWriter
 
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.data.figures import prediction_panel
-from marsseg.metrics import decode
 from marsseg.precision import autocast_dtype_for
-from marsseg.train import EpochState, PreparedData, fit, predict_logits, prepare_data
+from marsseg.predict import predict_masks
+from marsseg.train import EpochState, PreparedData, fit, prepare_data
 from spaces import params_to_config
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -103,12 +102,7 @@ class _PanelWriter:
             self.writer = SummaryWriter(str(self.trial_dir))
         device = next(state.model.parameters()).device
         dtype = autocast_dtype_for(self.config, device)
-        preds = torch.cat(
-            [
-                decode(logits).cpu()
-                for _, logits in predict_logits(state.model, self.images, device, dtype)
-            ]
-        ).numpy()
+        preds = predict_masks([state.model], self.images, device, tta=False, autocast_dtype=dtype)
         panel = prediction_panel(self.images, self.masks, preds)
         self.writer.add_image("val/input_truth_prediction", panel, epoch, dataformats="HWC")
         self.writer.flush()
