@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--final-arch", default="marsseg", help="architecture --final retrains, or 'any'")
     add("--final-folds", type=int, help="--final trains a k-fold ensemble (see search.final)")
     add("--final-epochs", type=int, help="--final's epochs (default: derived from the search)")
+    add("--force", action="store_true", help="let --final overwrite an existing submission")
     return parser
 
 
@@ -230,6 +231,8 @@ def run_final(args: argparse.Namespace, experiment: str) -> None:
         final_args += ["--folds", str(args.final_folds)]
     if args.final_epochs:
         final_args += ["--epochs", str(args.final_epochs)]
+    if args.force:
+        final_args.append("--force")
     final.main(final_args)
 
 

@@ -163,3 +163,6 @@ def test_search_with_final_runs_the_whole_chain(ray_env, tiny_archive, tmp_path,
     assert (out / "best_config.yaml").is_file()
     for name in ("submission.csv", "model.pt", "report.md", "curves.png"):
         assert (out / "final" / name).is_file(), name
+    # The same command again keeps the submission it made, unless told otherwise.
+    assert run_cli(search_main, args) == 2
+    assert search_main([*args, "--force"]) == 0
