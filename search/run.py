@@ -14,7 +14,6 @@ Re-running with the same `--name` (or `--resume`) continues an interrupted exper
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -191,9 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = TrainConfig.load(folder / BASE_CONFIG)  # the experiment's, whatever the flags say
         tuner = restore_tuner(experiment, archive, base, args.cpus_per_trial, gpus)
     else:
-        base.replace(
+        base = base.replace(
             provenance={"data": source, "data_checksum": archive.checksum(), "space": args.space}
-        ).save(folder / BASE_CONFIG)
+        )
+        base.save(folder / BASE_CONFIG)
         tuner = make_tuner(
             space=space,
             archive=archive,
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             time_budget=args.time_budget,
         )
     results = tuner.fit()
-    report(results, experiment, base, archive)
+    report(results, experiment, base)
     if args.final:
         run_final(args, experiment)
     return 0
@@ -236,7 +236,7 @@ def run_final(args: argparse.Namespace, experiment: str) -> None:
     final.main(final_args)
 
 
-def report(results: ResultGrid, experiment: str, base: TrainConfig, archive: MarsArchive) -> None:
+def report(results: ResultGrid, experiment: str, base: TrainConfig) -> None:
     """Print the leaderboard; write leaderboard.csv and best_config.yaml beside the study."""
     summaries = summarise(results, base)
     if not summaries:
@@ -247,12 +247,12 @@ def report(results: ResultGrid, experiment: str, base: TrainConfig, archive: Mar
     print("\n" + table[shown].to_string(index=False))
     folder = driver_folder(experiment)
     table.to_csv(folder / LEADERBOARD, index=False)
-    with_provenance(summaries[0], experiment, archive.checksum()).save(folder / BEST_CONFIG)
+    checksum = base.provenance.get("data_checksum", "")  # hashed once, when the search began
+    with_provenance(summaries[0], experiment, checksum).save(folder / BEST_CONFIG)
     print(f"\nwrote {folder / LEADERBOARD} and {folder / BEST_CONFIG} ({summaries[0].trial_id})")
     print(f"watch it: tensorboard --logdir {experiment}")
     print(f"          optuna-dashboard sqlite:///{folder / STUDY_FILE}")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     sys.exit(run_cli(main))
