@@ -16,10 +16,12 @@ so a written submission can be checked before it is uploaded.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -40,6 +42,7 @@ _ROW_TEXT_BYTES = 2 * PIXELS
 _DIGIT_COMMA = ord("0") | (ord(",") << 8)
 """Added to a label as little-endian uint16, it gives the bytes `<digit>,` in one vectorised add."""
 _O_BINARY = getattr(os, "O_BINARY", 0)
+GZIP_MAGIC = b"\x1f\x8b"
 """Windows would otherwise translate bytes written through a raw descriptor; 0 elsewhere."""
 _LABEL_BYTES = frozenset(str(label).encode() for label in range(MAX_LABEL + 1))
 
@@ -86,7 +89,9 @@ def write_submission(pred_masks: np.ndarray, path: str | os.PathLike[str]) -> Pa
     file is removed and a file already at `path` is left as it was. An existing file IS replaced
     on success: refusing to overwrite is the caller's policy (the CLI's `--force`), not this
     function's. The output always uses `\\n` line endings, byte-identical to
-    `pandas_reference_csv` on POSIX (on Windows pandas would write `\\r\\n`).
+    `pandas_reference_csv` on POSIX (on Windows pandas would write `\\r\\n`). A path ending in
+    `.gz` gets the same bytes gzip-compressed (the full test set shrinks from ~30 MB to ~1 MB,
+    small enough to keep in git), with a zero timestamp so equal predictions give equal files.
     """
     masks = _validated_masks(pred_masks)
     target = Path(path)
@@ -199,8 +204,10 @@ def _write_atomically(target: Path, chunks: Iterable[bytes]) -> None:
     descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o666)
     try:
         with open(descriptor, "wb") as file:
-            for chunk in chunks:
-                file.write(chunk)
+            sink = _compressor(file) if target.suffix == ".gz" else contextlib.nullcontext(file)
+            with sink as out:
+                for chunk in chunks:
+                    out.write(chunk)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, target)
@@ -210,6 +217,11 @@ def _write_atomically(target: Path, chunks: Iterable[bytes]) -> None:
         raise
 
 
+def _compressor(file: BinaryIO) -> gzip.GzipFile:
+    """A gzip stream into `file` whose bytes depend on the content only (no name, no time)."""
+    return gzip.GzipFile(filename="", mode="wb", fileobj=file, mtime=0)
+
+
 def read_submission(path: str | os.PathLike[str], *, n_rows: int | None = None) -> np.ndarray:
     """Parse a submission CSV back to masks (M, 64, 128) uint8, checking it strictly.
 
@@ -217,10 +229,16 @@ def read_submission(path: str | os.PathLike[str], *, n_rows: int | None = None) 
     equal to `n_rows` when given (a missing final row can only be caught that way). Any mismatch
     raises `DataError` with one line naming the file, the line number and the problem. `\\r\\n`
     line endings and a missing final newline are accepted, since a scorer reads those alike.
+    A gzip-compressed file (`submission.csv.gz`) is read as its content.
     Parsing is vectorised over fixed-width rows, so the full test set reads in about 0.3 s.
     """
     source = Path(path)
     data = source.read_bytes()
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise DataError(f"{source}: not a readable gzip file ({err})") from None
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n")
     if data and not data.endswith(b"\n"):

@@ -11,8 +11,8 @@ stopping on K stratified folds, reports their out-of-fold mIoU, and averages the
 `--rerank N` first retrains the top-N exported configs (the `top-*.yaml` files beside `--config`)
 with a few seeds and keeps the best mean score: one validation split is small and noisy.
 
-The output folder gets `submission.csv`, `model.pt` (every member's weights and the config),
-and `report.md` with its PNGs.
+The output folder gets `submission.csv` (`.csv.gz` with `--compress`), `model.pt` (every
+member's weights and the config) and `report.md` with its PNGs.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output folder (default: results/final/<name>)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--workers", type=int, default=0, help="loader workers (online aug)")
+    parser.add_argument(
+        "--compress", action="store_true", help="write submission.csv.gz (~1 MB, not ~30 MB)"
+    )
     add_decoding_flags(parser)
     return parser.parse_args(argv)
 
@@ -135,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = TrainConfig.load(args.config)
     out = args.out or Path("results") / "final" / args.config.stem
-    check_target(out / "submission.csv", args.force)
+    submission_path = out / ("submission.csv.gz" if args.compress else "submission.csv")
+    check_target(submission_path, args.force)
     if args.folds is not None and args.folds < 2:
         raise ConfigError(f"--folds must be >= 2, got {args.folds}")
     archive, report = load_clean_archive(args.data)
@@ -174,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     submission = write_test_predictions(
-        models, archive, out / "submission.csv", tta=tta, metric_aware=metric_aware, device=device
+        models, archive, submission_path, tta=tta, metric_aware=metric_aware, device=device
     )
     model_path = save_models(out / "model.pt", config, models)
     command = "python -m search.final " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -78,6 +78,17 @@ def test_final_model_reloads_and_reproduces_the_submission(final_run, tiny_archi
     assert again.read_bytes() == (out / "submission.csv").read_bytes()
 
 
+def test_final_compress_writes_a_gzip_submission(experiment, tiny_archive, tmp_path):
+    export.export(str(experiment), top_k=1, arch="any", out=tmp_path / "configs")
+    args = ["--config", str(tmp_path / "configs" / "best_config.yaml"), "--data", str(tiny_archive)]
+    args += ["--epochs", "1", "--out", str(tmp_path / "run"), "--threads", "2", "--compress"]
+    assert final_stage.main(args) == 0
+    n_test = len(load_archive(tiny_archive).test_images)
+    assert not (tmp_path / "run" / "submission.csv").exists()
+    preds = read_submission(tmp_path / "run" / "submission.csv.gz", n_rows=n_test)
+    assert preds.min() >= 1 and preds.max() <= 4
+
+
 def test_final_report_and_figures(final_run):
     out, _ = final_run
     report = (out / "report.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -273,3 +274,22 @@ def test_read_rejects_empty_files(tmp_path: Path, content: bytes, expected: str)
     path.write_bytes(content)
     with pytest.raises(DataError, match=expected):
         read_submission(path)
+
+
+def test_gz_path_writes_compressed_reproducible_bytes(tmp_path: Path) -> None:
+    preds = np.random.default_rng(3).integers(0, NUM_CLASSES, size=(5, *IMAGE_SHAPE))
+    plain = write_submission(preds, tmp_path / "submission.csv")
+    packed = write_submission(preds, tmp_path / "submission.csv.gz")
+    again = write_submission(preds, tmp_path / "again.csv.gz")
+    assert gzip.decompress(packed.read_bytes()) == plain.read_bytes()
+    assert packed.read_bytes() == again.read_bytes()  # no timestamp or name inside
+    assert packed.stat().st_size < plain.stat().st_size
+    np.testing.assert_array_equal(read_submission(packed, n_rows=5), preds)
+
+
+def test_read_rejects_truncated_gzip(tmp_path: Path) -> None:
+    preds = np.ones((3, *IMAGE_SHAPE), dtype=np.uint8)
+    packed = write_submission(preds, tmp_path / "submission.csv.gz")
+    packed.write_bytes(packed.read_bytes()[:40])
+    with pytest.raises(DataError, match="not a readable gzip file"):
+        read_submission(packed)
