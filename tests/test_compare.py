@@ -1,0 +1,67 @@
+"""`search.compare`: each candidate retrained with several seeds on one split, then summarised."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from marsseg.cli import run_cli
+from marsseg.config import TrainConfig
+from search import compare
+
+TINY = {"model": {"name": "unet", "knobs": {"depth": 2, "base_channels": 8}}, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def compared(ray_env, tiny_archive, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compare")
+    slow, fast = folder / "slow.yaml", folder / "fast.yaml"
+    TrainConfig.from_dict({**TINY, "optim": {"lr": 1e-5}}).save(slow)
+    TrainConfig.from_dict({**TINY, "optim": {"lr": 3e-3}}).save(fast)
+    argv = ["--data", str(tiny_archive), "--epochs", "2", "--seeds", "0", "1"]
+    argv += ["--candidate", f"slow={slow}", "--candidate", f"fast={fast}"]
+    argv += ["--out", str(folder / "out"), "--cpus-per-trial", "1"]
+    assert compare.main(argv) == 0
+    return folder / "out"
+
+
+def test_every_candidate_runs_every_seed_within_the_budget(compared):
+    runs = pd.read_csv(compared / "runs.csv")
+    assert sorted(zip(runs["candidate"], runs["seed"], strict=True)) == [
+        ("fast", 0), ("fast", 1), ("slow", 0), ("slow", 1)
+    ]  # fmt: skip
+    assert runs["epochs_run"].max() <= 2
+    assert runs["val_miou"].between(0, 1).all()
+    # Different seeds are different runs, not one run counted twice.
+    assert runs.groupby("candidate")["val_miou"].nunique().min() == 2
+
+
+def test_summary_keeps_candidate_order_and_measures_the_gain(compared):
+    summary = pd.read_csv(compared / "comparison.csv")
+    assert list(summary["candidate"]) == ["slow", "fast"]
+    assert (summary["seeds"] == 2).all()
+    assert (summary["val_miou_std"] > 0).all()
+    text = (compared / "comparison.md").read_text()
+    gain = summary["val_miou_mean"][1] - summary["val_miou_mean"][0]
+    assert f"{gain:+.4f}" in text
+    assert "python -m search.compare" in text and "at most 2 epochs" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--candidate", "x"], "--candidate must be NAME=preset:NAME or NAME=CONFIG.yaml"),
+        (["--candidate", "x=nowhere.yaml"], "no config file 'nowhere.yaml'"),
+        (["--candidate", "x=preset:nope"], "unknown preset 'nope'"),
+        (["--candidate", "x=preset:reference", "--seeds", "1", "1"], "repeats a seed"),
+        (["--candidate", "x=preset:reference", "--val-fraction", "1"], "--val-fraction must"),
+        (
+            ["--candidate", "x=preset:reference", "--candidate", "x=preset:reference"],
+            "names must differ",
+        ),
+    ],
+)
+def test_bad_arguments_are_one_line(argv, message, capsys):
+    assert run_cli(compare.main, [*argv, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
