@@ -5,7 +5,8 @@
 
 Works on a finished or a running experiment. Each file is a full training config with its
 provenance (trial, score, seed, data checksum, code version): `top-01-<trial>.yaml`, ... and
-`best_config.yaml`, the first of them. `python -m search.final --config` trains one for real.
+`best_config.yaml`, the first of them; `leaderboard.csv` beside them ranks every trial.
+`python -m search.final --config` trains one for real.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from search.cluster import SearchError
 from search.results import (
     BASE_CONFIG,
     BEST_CONFIG,
+    LEADERBOARD,
     TrialSummary,
     leaderboard,
     summarise,
@@ -86,8 +88,9 @@ def export(
         paths.append(config.save(out / f"top-{rank:02d}-{summary.trial_id}.yaml"))
         if rank == 1:
             config.save(out / BEST_CONFIG)
+    leaderboard(summaries).to_csv(out / LEADERBOARD, index=False)
     print(leaderboard(chosen)[SUMMARY_COLUMNS].to_string(index=False))
-    print(f"\nwrote {len(paths)} configs and {out / BEST_CONFIG}")
+    print(f"\nwrote {len(paths)} configs, {out / BEST_CONFIG} and {out / LEADERBOARD}")
     return paths
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from search_helpers import search_args
@@ -36,6 +37,8 @@ def test_export_writes_top_k_configs_that_load_and_train(experiment, tiny_archiv
     assert best == TrainConfig.load(paths[0])
     assert best.provenance["val_miou"] >= TrainConfig.load(paths[1]).provenance["val_miou"]
     assert {"trial", "best_epoch", "data_checksum", "code_version"} <= set(best.provenance)
+    board = pd.read_csv(tmp_path / "leaderboard.csv")  # every trial, not only the top 2
+    assert len(board) == 3 and board["val_miou"].is_monotonic_decreasing
     result = fit(best.replace(max_epochs=1), load_archive(tiny_archive), num_threads=2)
     assert result.history[0]["epoch"] == 1
 
