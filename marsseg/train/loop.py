@@ -92,12 +92,14 @@ def fit(
     num_threads: int | None = None,
     workers: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    channels_last: bool | None = None,
 ) -> FitResult:
     """Train `config` on `data` (a cleaned archive, or data already prepared for this config).
 
     `checkpoint` resumes from a file written by `EpochState.save`. `num_threads` caps torch's
     CPU threads (a Ray trial passes its CPU share); `workers` is the number of DataLoader
-    processes for online augmentation.
+    processes for online augmentation. `channels_last` stores the model and training batches
+    NHWC (None: on CUDA only, where cudnn's tensor-core kernels want it); a benchmark switch.
     """
     device = resolve_device(device)
     if num_threads:
@@ -108,7 +110,7 @@ def fit(
     if cuda:
         torch.backends.cudnn.benchmark = True
     autocast_dtype = autocast_dtype_for(config, device)
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    memory_format = memory_format_for(device, channels_last)
 
     torch.manual_seed(config.seed)
     model = config.model.build().to(device, memory_format=memory_format)
@@ -144,7 +146,13 @@ def fit(
         )
         start = time.perf_counter()
         train_loss, images_seen, wait = _train_epoch(
-            step_model, criterion, optimizer, batches.epoch(plan, epoch), epoch, autocast_dtype
+            step_model,
+            criterion,
+            optimizer,
+            batches.epoch(plan, epoch),
+            epoch,
+            autocast_dtype,
+            memory_format,
         )
         train_time = time.perf_counter() - start
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
@@ -175,6 +183,14 @@ def fit(
     return FitResult(model, state.history, state.best_score, state.best_epoch, stop_reason)
 
 
+def memory_format_for(
+    device: torch.device, channels_last: bool | None = None
+) -> torch.memory_format:
+    """NHWC when asked, or by default on CUDA; the contiguous NCHW layout otherwise."""
+    on = device.type == "cuda" if channels_last is None else channels_last
+    return torch.channels_last if on else torch.contiguous_format
+
+
 def _track_best(state: EpochState, score: float, config: TrainConfig) -> str:
     """Keep the best weights; return 'early_stopping' once patience runs out.
 
@@ -199,13 +215,13 @@ def _train_epoch(
     batches: Iterator[tuple[Tensor, Tensor, Tensor | None]],
     epoch: int,
     autocast_dtype: torch.dtype | None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[float, int, float]:
     """One pass over the plan; returns mean loss, images seen and seconds spent waiting for data."""
     model.train()
     total = torch.zeros((), device=next(model.parameters()).device)
     seen = steps = 0
     wait = 0.0
-    device_type = total.device.type
     while True:
         fetch = time.perf_counter()
         batch = next(batches, None)
@@ -213,8 +229,7 @@ def _train_epoch(
         if batch is None:
             break
         images, masks, dist = batch
-        if device_type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=memory_format)
         with autocast(total.device, autocast_dtype):
             logits = model(images)
         loss = criterion(logits.float(), masks, dist_maps=dist, epoch=epoch)
