@@ -5,9 +5,11 @@ early, and every trial trains with `marsseg.train.fit`. With no flags it runs a 
 synthetic archive with a budget of a few minutes on a laptop CPU; on a cluster started with
 `ray up cluster.yaml`, pass `--address auto --storage s3://bucket/prefix`.
 
-At the end it prints a leaderboard and writes, in the experiment folder: `leaderboard.csv`,
-`best_config.yaml` (a training config with provenance), `optuna.db` (the study, for
-optuna-dashboard) and the trials' TensorBoard files (`tensorboard --logdir <experiment>`).
+At the end it prints a leaderboard and a one-line account of Ray's overhead, and writes, in the
+experiment folder: `leaderboard.csv`, `best_config.yaml` (a training config with provenance),
+`optuna.db` (the study, for optuna-dashboard), `timeline.csv` (when each trial started and each
+epoch's result arrived; see `search.timeline`) and the trials' TensorBoard files
+(`tensorboard --logdir <experiment>`).
 Re-running with the same `--name` (or `--resume`) continues an interrupted experiment.
 """
 
@@ -34,6 +36,7 @@ from search.cluster import (
     AUTOSCALER_CONFIG,
     SearchError,
     capacity,
+    check_gpu_packing,
     check_shared_storage,
     check_storage,
     check_trial_resources,
@@ -49,7 +52,16 @@ from search.results import (
     summarise,
     with_provenance,
 )
-from search.tuner import STUDY_FILE, driver_folder, make_tuner, restore_tuner
+from search.timeline import TIMELINE, read_timeline
+from search.timeline import summarise as summarise_timeline
+from search.tuner import (
+    SAMPLERS,
+    SCHEDULERS,
+    STUDY_FILE,
+    driver_folder,
+    make_tuner,
+    restore_tuner,
+)
 from spaces import SPACE_NAMES, get_space
 
 SYNTHETIC_IMAGES = 256
@@ -92,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="continue the experiment --name (must exist)")
     add("--seed", type=int, default=0, help="seed of the sampler and of every trial's training")
     add("--time-budget", type=float, help="stop the whole search after this many seconds")
+    add("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler of the trials")
+    add("--scheduler", default="asha", choices=SCHEDULERS, help="fifo: no early stopping")
+    add(
+        "--no-reference-trial",
+        action="store_true",
+        help="do not run the space's starting point (the reference recipe) first",
+    )
+    add(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        help="checkpoint every N epochs and the last; a retried trial redoes up to N-1 epochs",
+    )
+    add(
+        "--no-reuse-actors",
+        action="store_true",
+        help="start a fresh Ray actor for every trial instead of reusing a finished one's",
+    )
     add("--final", action="store_true", help="then export the best config and run search.final")
     add("--final-arch", default="marsseg", help="architecture --final retrains, or 'any'")
     add("--final-folds", type=int, help="--final trains a k-fold ensemble (see search.final)")
@@ -148,7 +178,7 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag in ("num_samples", "max_epochs", "grace_period"):
+    for flag in ("num_samples", "max_epochs", "grace_period", "checkpoint_every"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.reduction_factor <= 1:
@@ -157,6 +187,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name of the experiment to continue")
+    for flag, known in (("sampler", SAMPLERS), ("scheduler", SCHEDULERS)):
+        if getattr(args, flag) not in known:  # a --config file bypasses argparse's choices
+            raise ConfigError(f"--{flag} must be one of {', '.join(known)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cap.gpus else 0.0)
     check_trial_resources(cap, args.cpus_per_trial, gpus)
     check_shared_storage(storage, cap)
+    # Trials sharing a GPU: measure the heaviest on one and refuse a packing that cannot fit.
+    check_gpu_packing(base, len(archive), gpus)
     concurrent = args.max_concurrent or concurrent_trials(cap, args.cpus_per_trial, gpus)
     print(
         f"ray: {cap.describe()}; trials use "
@@ -188,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if restoring:
         print(f"resuming experiment {experiment}")
         base = TrainConfig.load(folder / BASE_CONFIG)  # the experiment's, whatever the flags say
-        tuner = restore_tuner(experiment, archive, base, args.cpus_per_trial, gpus)
+        tuner = restore_tuner(
+            experiment, archive, base, args.cpus_per_trial, gpus, args.checkpoint_every
+        )
     else:
         base = base.replace(
             provenance={"data": source, "data_checksum": archive.checksum(), "space": args.space}
@@ -210,9 +247,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_concurrent=concurrent,
             seed=args.seed,
             time_budget=args.time_budget,
+            sampler=args.sampler,
+            scheduler=args.scheduler,
+            reference_trial=not args.no_reference_trial,
+            checkpoint_every=args.checkpoint_every,
+            reuse_actors=not args.no_reuse_actors,
         )
     results = tuner.fit()
     report(results, experiment, base)
+    timeline = folder / TIMELINE
+    if timeline.is_file():
+        print(summarise_timeline(read_timeline(timeline)).line())
     if args.final:
         run_final(args, experiment)
     return 0

@@ -4,12 +4,17 @@ Everything about scheduling lives in `search/run.py`; this function only builds 
 config from the trial's parameters, resumes from Tune's checkpoint when there is one, and turns
 each epoch into `tune.report(metrics, checkpoint=...)`. The dataset arrives through the object
 store (`tune.with_parameters`), never from a path on the driver's disk.
+
+Each result also says where the trial's own time went beside training, for `search.timeline`:
+`setup_s` (first result of a run: preparing data and model before the first epoch) and
+`report_prep_s` (writing the TensorBoard panel and the checkpoint before reporting).
 """
 
 from __future__ import annotations
 
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +39,20 @@ PANEL_EVERY = 5
 
 
 def train_trial(
-    params: dict[str, Any], *, archive: MarsArchive, base: dict[str, Any], workers: int = 0
+    params: dict[str, Any],
+    *,
+    archive: MarsArchive,
+    base: dict[str, Any],
+    workers: int = 0,
+    checkpoint_every: int = 1,
 ) -> None:
-    """Train one trial: `params` come from the search space, `base` fills everything else."""
+    """Train one trial: `params` come from the search space, `base` fills everything else.
+
+    A checkpoint goes with every `checkpoint_every`-th epoch and with the last one; a trial
+    resumed after a failure restarts from the latest, redoing at most `checkpoint_every - 1`
+    epochs (ASHA and the searcher take a repeated epoch's result as the same step).
+    """
+    entered = time.perf_counter()
     config = params_to_config(params, TrainConfig.from_dict(base))
     context = tune.get_context()
     cpus = int(context.get_trial_resources().required_resources.get("CPU", 1))
@@ -53,11 +69,23 @@ def train_trial(
         "node_id": ray.get_runtime_context().get_node_id(),
     }
 
+    first_epoch = True  # of this run of the trial (a retried or resumed trial runs again)
+
     def on_epoch(metrics: dict[str, Any], state: EpochState) -> None:
+        nonlocal first_epoch
+        reached = time.perf_counter()
+        times = {}
+        if first_epoch:
+            times["setup_s"] = reached - entered - metrics["epoch_time_s"]
+            first_epoch = False
         panel.maybe_write(metrics, state)
         with tempfile.TemporaryDirectory() as folder:
-            state.save(Path(folder) / CHECKPOINT_FILE)
-            tune.report({**metrics, **node}, checkpoint=tune.Checkpoint.from_directory(folder))
+            checkpoint = None
+            if metrics["finished"] or metrics["epoch"] % checkpoint_every == 0:
+                state.save(Path(folder) / CHECKPOINT_FILE)
+                checkpoint = tune.Checkpoint.from_directory(folder)
+            times["report_prep_s"] = time.perf_counter() - reached
+            tune.report({**metrics, **node, **times}, checkpoint=checkpoint)
 
     with tempfile.TemporaryDirectory() as folder:
         resume = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import optuna
 import pandas as pd
 import pytest
 import ray
+import torch
 from search_helpers import RAY_ENV, SPACE, search_args
 
 from marsseg.cli import run_cli
@@ -23,6 +25,8 @@ from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
 from marsseg.train import fit
 from search.run import main as search_main
+from search.timeline import TIMELINE, read_timeline, summarise
+from search.trainable import CHECKPOINT_FILE
 from search.tuner import STUDY_FILE
 from spaces import get_space
 
@@ -77,6 +81,47 @@ def test_tensorboard_files_hold_scalars_and_image_panels(finished_search):
         events = b"".join(p.read_bytes() for p in trial_dir.glob("events.out.tfevents.*"))
         assert b"val_miou" in events, trial_dir
         assert b"val/input_truth_prediction" in events, trial_dir
+
+
+def test_timeline_records_every_trial_and_epoch(finished_search):
+    rows = read_timeline(finished_search / TIMELINE)
+    board = pd.read_csv(finished_search / "leaderboard.csv")
+    starts = [r for r in rows if r["event"] == "start"]
+    results = [r for r in rows if r["event"] == "result"]
+    assert {r["trial"] for r in starts} == set(board["trial"]) and len(starts) == 8
+    assert len(results) == board["epochs"].sum()
+    assert all(r["epoch_time_s"] > 0 and r["report_prep_s"] >= 0 for r in results)
+    assert sum(r["setup_s"] is not None for r in results) == 8  # first epoch of each trial
+    summary = summarise(rows)
+    assert (summary.trials, summary.slots) == (8, 2) and 0 < summary.idle_share < 1
+    assert len(summary.start_latency_s) == 8 and min(summary.start_latency_s) > 0
+
+
+def test_random_sampler_fifo_no_reference_and_sparse_checkpoints(
+    ray_env, tiny_archive, tmp_path, capsys
+):
+    args = search_args(tiny_archive, tmp_path, "rf", samples=3, epochs=3)
+    args += ["--sampler", "random", "--scheduler", "fifo", "--no-reference-trial"]
+    assert search_main([*args, "--checkpoint-every", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("timeline: 3 trials, 9 epochs") for line in printed)
+    experiment = tmp_path / "rf"
+    study = optuna.load_study(study_name="rf", storage=f"sqlite:///{experiment / STUDY_FILE}")
+    trials = study.get_trials(deepcopy=False)
+    # fifo: no trial stopped early, so Optuna sees them all COMPLETE with every epoch.
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert all(len(t.intermediate_values) == 3 for t in trials)
+    assert not any("fixed_params" in t.system_attrs for t in trials)  # nothing enqueued
+    assert trials[0].params != get_space(SPACE).points_to_evaluate[0]
+    [searcher_state] = experiment.glob("searcher-state-*.pkl")
+    sampler = pickle.loads(searcher_state.read_bytes())["_sampler"]
+    assert isinstance(sampler, optuna.samplers.RandomSampler)
+    for trial_dir in experiment.glob("train_trial_*"):
+        saved = [
+            torch.load(path, weights_only=True)["epoch"]
+            for path in trial_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}")
+        ]
+        assert sorted(saved) == [2, 3], trial_dir  # every 2nd epoch and the last
 
 
 def test_reference_space_runs_the_recipe(ray_env, tiny_archive, tmp_path):
@@ -137,6 +182,7 @@ def _closed_port() -> int:
         (["--address", f"127.0.0.1:{_closed_port()}"], "cannot reach a Ray cluster at 127.0.0.1"),
         (["--gpus-per-trial", "2"], "--gpus-per-trial 2 is more than any node has"),
         (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
         (["--resume"], "--resume needs --name"),
     ],
 )
@@ -174,6 +220,9 @@ def test_config_file_supplies_flags(tmp_path, capsys):
     config.write_text("spaces: default\n")
     assert run_cli(search_main, ["--config", str(config)]) == 2
     assert "unknown key 'spaces'" in capsys.readouterr().err
+    config.write_text("sampler: grid\n")
+    assert run_cli(search_main, ["--config", str(config)]) == 2
+    assert "--sampler must be one of tpe, random" in capsys.readouterr().err
 
 
 def test_archive_checksum_is_stable():
