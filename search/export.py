@@ -5,13 +5,15 @@
 
 Works on a finished or a running experiment. Each file is a full training config with its
 provenance (trial, score, seed, data checksum, code version): `top-01-<trial>.yaml`, ... and
-`best_config.yaml`, the first of them; `leaderboard.csv` beside them ranks every trial.
+`best_config.yaml`, the first of them; `leaderboard.csv` beside them ranks every trial, and
+`timeline.csv` (when the search recorded one) says what budget the search spent.
 `python -m search.final --config` trains one for real.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +33,8 @@ from search.results import (
     summarise,
     with_provenance,
 )
+from search.timeline import TIMELINE, read_timeline
+from search.timeline import summarise as summarise_timeline
 from search.tuner import driver_folder
 
 SUMMARY_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "epochs", "best_epoch", "val_miou"]
@@ -59,8 +63,10 @@ def load_experiment(experiment: str) -> tuple[list[TrialSummary], TrainConfig]:
     if not (folder / BASE_CONFIG).is_file():
         raise SearchError(f"no search experiment at {experiment} (missing {BASE_CONFIG})")
     base = TrainConfig.load(folder / BASE_CONFIG)
+    # Ray reads a path without a scheme as a URI and refuses a relative one: anchor it here.
+    uri = experiment if "://" in experiment else str(Path(experiment).resolve())
     try:
-        results = ResultGrid(ExperimentAnalysis(experiment))
+        results = ResultGrid(ExperimentAnalysis(uri))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise SearchError(f"cannot read the experiment at {experiment}: {err}") from None
     return summarise(results, base), base
@@ -89,6 +95,10 @@ def export(
         if rank == 1:
             config.save(out / BEST_CONFIG)
     leaderboard(summaries).to_csv(out / LEADERBOARD, index=False)
+    timeline = driver_folder(experiment) / TIMELINE
+    if timeline.is_file():
+        shutil.copyfile(timeline, out / TIMELINE)
+        print(summarise_timeline(read_timeline(timeline)).line())
     print(leaderboard(chosen)[SUMMARY_COLUMNS].to_string(index=False))
     print(f"\nwrote {len(paths)} configs, {out / BEST_CONFIG} and {out / LEADERBOARD}")
     return paths

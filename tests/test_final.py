@@ -39,8 +39,15 @@ def test_export_writes_top_k_configs_that_load_and_train(experiment, tiny_archiv
     assert {"trial", "best_epoch", "data_checksum", "code_version"} <= set(best.provenance)
     board = pd.read_csv(tmp_path / "leaderboard.csv")  # every trial, not only the top 2
     assert len(board) == 3 and board["val_miou"].is_monotonic_decreasing
+    assert (tmp_path / "timeline.csv").read_text() == (experiment / "timeline.csv").read_text()
     result = fit(best.replace(max_epochs=1), load_archive(tiny_archive), num_threads=2)
     assert result.history[0]["epoch"] == 1
+
+
+def test_export_takes_a_relative_experiment_path(experiment, tmp_path, monkeypatch):
+    monkeypatch.chdir(experiment.parent)
+    paths = export.export(experiment.name, top_k=1, arch="any", out=tmp_path)
+    assert paths == [next(tmp_path.glob("top-01-*.yaml"))]
 
 
 def test_export_errors_are_one_line(experiment, tmp_path, capsys):
