@@ -44,11 +44,19 @@ def device_label(device: torch.device | None) -> str:
 
 
 def write_results(
-    name: str, rows: list[dict[str, Any]], *, device: torch.device | None = None, **extra: Any
+    name: str,
+    rows: list[dict[str, Any]],
+    *,
+    device: torch.device | None = None,
+    tag: str = "",
+    **extra: Any,
 ) -> Path:
-    """Write the rows with the machine and the command to results/benchmarks/, and say where."""
+    """Write the rows with the machine and the command to results/benchmarks/, and say where.
+
+    `tag` names a variant (`bf16-compile`), so runs that pull different levers on one device
+    sit beside each other instead of overwriting one file."""
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{name}-{device_label(device)}.json"
+    path = OUT / f"{name}-{device_label(device)}{'-' + tag if tag else ''}.json"
     payload = {
         "benchmark": name,
         "command": "python -m benchmarks." + name + " " + shlex.join(sys.argv[1:]),

@@ -45,6 +45,7 @@ PEAK_BF16_TFLOPS = (
 )
 """Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, matched in order against
 `torch.cuda.get_device_name` (so `H100 PCIe` is tried before the SXM `H100`)."""
+DEFAULT_BATCH = 32
 TRAIN_FLOPS_PER_FORWARD = 3
 """Training FLOPs per forward FLOP: the backward pass costs about twice the forward."""
 COLUMNS = {
@@ -85,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list_models())
     parser.add_argument("--images", type=int, default=512, help="synthetic training images")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--intensity", type=float, default=0.0, help="online augmentation")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -99,6 +100,18 @@ def parse_args() -> argparse.Namespace:
         "--peak-tflops", type=float, help="peak for MFU (default: the GPU's dense bf16 peak)"
     )
     return parser.parse_args()
+
+
+def variant_tag(args: argparse.Namespace) -> str:
+    """The levers this run moved from the defaults, for its file name ('' when none)."""
+    moved = [
+        args.precision if args.precision != "auto" else "",
+        f"channels-last-{args.channels_last}" if args.channels_last != "auto" else "",
+        "compile" if args.compile else "",
+        f"batch{args.batch_size}" if args.batch_size != DEFAULT_BATCH else "",
+        f"workers{args.workers}" if args.workers else "",
+    ]
+    return "-".join(part for part in moved if part)
 
 
 def measure(
@@ -180,6 +193,7 @@ def main() -> None:
         "train_throughput",
         rows,
         device=device,
+        tag=variant_tag(args),
         images=args.images,
         epochs=args.epochs,
         batch_size=args.batch_size,
