@@ -219,7 +219,8 @@ def _write_atomically(target: Path, chunks: Iterable[bytes]) -> None:
 
 def _compressor(file: BinaryIO) -> gzip.GzipFile:
     """A gzip stream into `file` whose bytes depend on the content only (no name, no time)."""
-    return gzip.GzipFile(filename="", mode="wb", fileobj=file, mtime=0)
+    # Level 6 (zlib's default) packs label text as tightly as 9 within ~10%, several times faster.
+    return gzip.GzipFile(filename="", mode="wb", fileobj=file, mtime=0, compresslevel=6)
 
 
 def read_submission(path: str | os.PathLike[str], *, n_rows: int | None = None) -> np.ndarray:
