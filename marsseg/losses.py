@@ -26,9 +26,9 @@ from torch import nn
 from marsseg.classes import BACKGROUND, NUM_CLASSES, SCORED_CLASSES
 from marsseg.errors import ConfigError
 
-LOSS_TERMS = ("ce", "dice", "boundary", "focal")
+LOSS_TERMS = ("ce", "dice", "boundary", "focal", "lovasz")
 """Loss term names as config strings; `LossConfig` has one `<name>_weight` field per term."""
-REGION_TERMS = ("ce", "dice", "focal")
+REGION_TERMS = ("ce", "dice", "focal", "lovasz")
 """The terms the boundary ramp takes weight from (the paper's "region" loss)."""
 CLASS_WEIGHT_SCHEMES = ("none", "inverse", "inverse_sqrt")
 
@@ -40,8 +40,8 @@ class LossConfig:
     """Which loss terms to use and how much each weighs; the defaults are the reference recipe.
 
     The boundary term follows Kervadec et al. 2019: it is unstable on its own early in training,
-    so `boundary_ramp` moves weight from the region terms (ce, dice, focal) to it each epoch,
-    like their `StealWeight` schedule: the region terms are scaled by
+    so `boundary_ramp` moves weight from the region terms (ce, dice, focal, lovasz) to it each
+    epoch, like their `StealWeight` schedule: the region terms are scaled by
     `max(region_floor, 1 - boundary_ramp * epoch)` and the boundary weight is
     `boundary_weight + boundary_ramp * epoch`.
     """
@@ -50,10 +50,14 @@ class LossConfig:
     dice_weight: float = 0.0
     boundary_weight: float = 0.0
     focal_weight: float = 0.0
+    lovasz_weight: float = 0.0
     boundary_ramp: float = 0.0
     region_floor: float = 0.1
     class_weights: str = "none"
     """Scheme for `class_weights_from_masks`, applied to the ce and focal terms."""
+    class_weight_cap: float = 0.0
+    """Largest class weight as a multiple of the smallest (0: no cap). Full inverse weights give
+    big rock 50-250x soil's weight; the challenge's best teams capped theirs near 10x."""
     label_smoothing: float = 0.0
     generalized_dice: bool = False
     focal_gamma: float = 2.0
@@ -64,6 +68,7 @@ class LossConfig:
         _check_number("region_floor", self.region_floor, low=0.0, high=1.0)
         _check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
         _check_scheme(self.class_weights)
+        _check_cap(self.class_weight_cap)
         if not isinstance(self.generalized_dice, bool):
             raise ConfigError(
                 f"loss.generalized_dice must be true or false, got {self.generalized_dice!r}"
@@ -71,7 +76,7 @@ class LossConfig:
         if self.boundary_ramp == 0 and not any(getattr(self, f"{t}_weight") for t in LOSS_TERMS):
             raise ConfigError(
                 "loss: every term weight is 0 (set loss.ce_weight, loss.dice_weight, "
-                "loss.boundary_weight or loss.focal_weight)"
+                "loss.boundary_weight, loss.focal_weight or loss.lovasz_weight)"
             )
 
     @classmethod
@@ -107,6 +112,7 @@ class LossConfig:
             "ce": self.ce_weight * region_scale,
             "dice": self.dice_weight * region_scale,
             "focal": self.focal_weight * region_scale,
+            "lovasz": self.lovasz_weight * region_scale,
             "boundary": self.boundary_weight + self.boundary_ramp * epoch,
         }
 
@@ -124,6 +130,12 @@ def _check_scheme(scheme: str) -> None:
         )
 
 
+def _check_cap(cap: float) -> None:
+    _check_number("class_weight_cap", cap, low=-math.inf)
+    if cap != 0 and cap < 1:
+        raise ConfigError(f"loss.class_weight_cap must be >= 1, got {cap!r} (0 turns the cap off)")
+
+
 def _check_number(
     name: str, value: object, *, low: float, high: float = math.inf, high_open: bool = False
 ) -> None:
@@ -139,16 +151,19 @@ def _check_number(
         raise ConfigError(f"loss.{name} must be {bound} {high:g}, got {value!r}")
 
 
-def class_weights_from_masks(masks: np.ndarray, scheme: str) -> torch.Tensor:
+def class_weights_from_masks(masks: np.ndarray, scheme: str, cap: float = 0.0) -> torch.Tensor:
     """Per-class weights (NUM_CLASSES,) from the training masks' pixel frequencies.
 
     `inverse` weighs a class by 1 / frequency, `inverse_sqrt` by 1 / sqrt(frequency) (gentler: big
     rock is ~250x rarer than soil, and full inverse weights make its gradient dominate).
+    A `cap` >= 1 is the other way to tame them: no class weighs more than `cap` times the
+    lightest scored class (0: no cap; it changes nothing under `none`).
     Weights are normalised to mean 1 over the scored classes, so switching schemes does not also
     change the loss scale. Background gets 0: it is ignored anyway. A class absent from `masks`
     gets the largest weight of the present ones instead of an infinite one.
     """
     _check_scheme(scheme)
+    _check_cap(cap)
     weights = np.zeros(NUM_CLASSES, dtype=np.float64)
     if scheme == "none":
         weights[_SCORED] = 1.0
@@ -162,6 +177,8 @@ def class_weights_from_masks(masks: np.ndarray, scheme: str) -> torch.Tensor:
     scored = np.zeros(len(_SCORED))
     scored[present] = frequency[present] ** -power
     scored[~present] = scored[present].max()
+    if cap:
+        scored = np.minimum(scored, cap * scored.min())
     weights[_SCORED] = scored / scored.mean()
     return torch.from_numpy(weights).float()
 
@@ -310,6 +327,41 @@ def boundary_loss(
     return _weighted_mean(per_pixel * valid, valid)
 
 
+def lovasz_softmax_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Lovász-softmax (Berman et al. 2018): a convex surrogate of 1 - IoU, the metric itself.
+
+    Per class, the pixels' errors |fg - p| are sorted in decreasing order and weighted by the
+    Lovász extension's gradient of the Jaccard loss; at hard (0/1) predictions the value is
+    exactly 1 - IoU. Like Dice it uses the softmax over classes 1-4 and takes the batch as one
+    set of pixels, as the metric pools its IoU over the whole set. Background pixels get error 0,
+    which sorts them last where they weigh nothing: the value of leaving them out, without a
+    data-dependent shape. Classes absent from the batch's ground truth do not count (Berman's
+    `classes='present'`): theirs would be the largest probability leaked anywhere, teaching the
+    model never to predict big rock. A batch without any labelled pixel gives 0.
+    """
+    labelled = (masks != BACKGROUND).flatten()[:, None]
+    probs = _scored_probabilities(logits).permute(0, 2, 3, 1).reshape(-1, len(_SCORED))
+    fg = F.one_hot(masks.flatten(), NUM_CLASSES)[:, _SCORED].float() * labelled
+    errors, order = ((fg - probs).abs() * labelled).sort(dim=0, descending=True)
+    per_class = (errors * _lovasz_jaccard_gradient(fg.gather(0, order))).sum(dim=0)
+    present = (fg.sum(dim=0) > 0).float()
+    return _weighted_mean(per_class * present, present)
+
+
+def _lovasz_jaccard_gradient(fg_sorted: torch.Tensor) -> torch.Tensor:
+    """J(i) - J(i-1) per column, J(i) the Jaccard loss when the first i pixels are wrong.
+
+    Getting a foreground pixel wrong removes it from the intersection, getting a background
+    pixel wrong adds it to the union; the union is never empty (it holds the ground truth, or
+    the i >= 1 wrong pixels), so there is no division by zero.
+    """
+    total = fg_sorted.sum(dim=0)
+    intersection = total - fg_sorted.cumsum(dim=0)
+    union = total + (1.0 - fg_sorted).cumsum(dim=0)
+    jaccard = 1.0 - intersection / union
+    return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+
+
 class CombinedLoss(nn.Module):
     """Weighted sum of the terms a `LossConfig` turns on, with the boundary ramp by epoch.
 
@@ -372,5 +424,7 @@ class CombinedLoss(nn.Module):
             return focal_loss(logits, masks, config.focal_gamma, self.class_weights)
         if name == "dice":
             return soft_dice_loss(logits, masks, generalized=config.generalized_dice)
+        if name == "lovasz":
+            return lovasz_softmax_loss(logits, masks)
         assert name == "boundary" and dist_maps is not None
         return boundary_loss(logits, masks, dist_maps)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 
 from marsseg.classes import BACKGROUND, NUM_CLASSES
+from marsseg.config import TrainConfig
 from marsseg.errors import ConfigError
 from marsseg.losses import (
     CombinedLoss,
@@ -19,6 +20,7 @@ from marsseg.losses import (
     boundary_loss,
     class_weights_from_masks,
     focal_loss,
+    lovasz_softmax_loss,
     masked_cross_entropy,
     signed_distance_maps,
     soft_dice_loss,
@@ -51,6 +53,7 @@ REGION_LOSSES = {
     "focal": lambda logits, masks: focal_loss(logits, masks, gamma=2.0),
     "dice": lambda logits, masks: soft_dice_loss(logits, masks),
     "generalized_dice": lambda logits, masks: soft_dice_loss(logits, masks, generalized=True),
+    "lovasz": lambda logits, masks: lovasz_softmax_loss(logits, masks),
 }
 
 
@@ -133,8 +136,8 @@ def test_dice_does_not_punish_leaks_into_an_absent_class(labelled_batch):
     assert soft_dice_loss(logits, no_big_rock) < 0.03
 
 
-def test_dice_and_boundary_ignore_the_background_logit(labelled_batch):
-    """Both are defined on classes 1-4: a softmax over all five would let class 0 soak them up."""
+def test_dice_lovasz_and_boundary_ignore_the_background_logit(labelled_batch):
+    """All are defined on classes 1-4: a softmax over all five would let class 0 soak them up."""
     _, masks = labelled_batch
     dist_maps = torch.from_numpy(signed_distance_maps(masks.numpy().astype(np.uint8)))
     logits = _random_logits(masks).detach()
@@ -144,6 +147,7 @@ def test_dice_and_boundary_ignore_the_background_logit(labelled_batch):
         lambda x: soft_dice_loss(x, masks),
         lambda x: soft_dice_loss(x, masks, generalized=True),
         lambda x: boundary_loss(x, masks, dist_maps),
+        lambda x: lovasz_softmax_loss(x, masks),
     ):
         torch.testing.assert_close(loss_fn(raised), loss_fn(logits))
 
@@ -154,6 +158,78 @@ def test_dice_averages_classes_per_batch(labelled_batch):
     logits = _perfect_logits(masks).detach()
     logits[:, [3, 4]] = logits[:, [4, 3]]  # swap sand and big rock
     assert soft_dice_loss(logits, masks).item() == pytest.approx(0.5, abs=1e-3)
+
+
+def _two_class_logits(p_soil: list[float]) -> torch.Tensor:
+    """Logits (1, 5, 1, len) giving softmax over classes 1-4 of (p, 1 - p, 0, 0) per pixel."""
+    logits = torch.full((1, NUM_CLASSES, 1, len(p_soil)), -1e4)
+    logits[0, 1, 0] = torch.tensor(p_soil).log()
+    logits[0, 2, 0] = (1 - torch.tensor(p_soil)).log()
+    logits[0, BACKGROUND] = 7.0  # the scored softmax must not see it
+    return logits.requires_grad_()
+
+
+def test_lovasz_matches_a_hand_computed_value():
+    """Four labelled pixels (soil, soil, bedrock, soil) and one background pixel.
+
+    p_soil = (0.9, 0.4, 0.3, 0.2), p_bedrock = 1 - p_soil, so both classes have errors
+    e = |fg - p| = (0.1, 0.6, 0.3, 0.8); sorted: d 0.8, b 0.6, c 0.3, a 0.1. The loss of a class
+    is sum_i e_(i) * (J(i) - J(i-1)), J(i) = 1 - |gt minus top i| / |gt plus top i|.
+    Soil (gt {a, b, d}, c is a non-member): J = 1/3, 2/3, 3/4, 1, steps 1/3, 1/3, 1/12, 1/4;
+    loss 0.8/3 + 0.6/3 + 0.3/12 + 0.1/4 = 31/60.
+    Bedrock (gt {c}): J = 1/2, 2/3, 1, 1, steps 1/2, 1/6, 1/3, 0; loss 0.4 + 0.1 + 0.1 = 3/5.
+    Sand and big rock are absent (errors all 0): the mean is over two classes, (31/60 + 3/5)/2.
+    """
+    logits = _two_class_logits([0.9, 0.4, 0.3, 0.2, 0.5])
+    masks = torch.tensor([[[1, 1, 2, 1, BACKGROUND]]])
+    loss = lovasz_softmax_loss(logits, masks)
+    assert loss.item() == pytest.approx(67 / 120, abs=1e-6)
+
+    loss.backward()
+    grad = logits.grad[0, 1:3, 0]
+    assert torch.isfinite(logits.grad).all()
+    assert (grad[:, :4] != 0).all() and not grad[:, 4].any()
+    assert not logits.grad[0, BACKGROUND].any()
+    stepped = (logits - 0.5 * logits.grad).detach()
+    assert lovasz_softmax_loss(stepped, masks) < loss  # the gradient points downhill
+
+
+def test_lovasz_is_near_zero_on_a_perfect_prediction(labelled_batch):
+    _, masks = labelled_batch
+    assert lovasz_softmax_loss(_perfect_logits(masks), masks) < 1e-6
+    assert lovasz_softmax_loss(_random_logits(masks), masks) > 0.5
+
+
+def _independent_iou_loss(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean over the classes present in `target` of 1 - IoU, counting labelled pixels only."""
+    labelled = target != BACKGROUND
+    losses = []
+    for cls in range(1, NUM_CLASSES):
+        truth, guess = (target == cls) & labelled, (pred == cls) & labelled
+        if truth.any():
+            losses.append(1 - (truth & guess).sum() / (truth | guess).sum())
+    return float(np.mean(losses))
+
+
+def test_lovasz_is_one_minus_iou_at_hard_predictions_and_skips_absent_classes(labelled_batch):
+    """The Lovász extension is exact at the vertices: a 0/1 prediction costs 1 - IoU.
+
+    Big rock is absent from the ground truth but predicted on ~10% of pixels; it must not count,
+    else its 1 - IoU = 1 would join the mean.
+    """
+    _, masks = labelled_batch
+    target = torch.where(masks == 4, 3, masks)
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randint(1, NUM_CLASSES, target.shape, generator=generator)
+    flip = torch.rand(target.shape, generator=generator) < 0.4
+    pred = torch.where(flip | (target == BACKGROUND), noise, target)
+    logits = F.one_hot(pred, NUM_CLASSES).permute(0, 3, 1, 2).float() * 100.0
+
+    expected = _independent_iou_loss(pred.numpy(), target.numpy())
+    assert 0.2 < expected < 0.8
+    assert lovasz_softmax_loss(logits, target).item() == pytest.approx(expected, abs=1e-5)
+    with_absent = (3 * expected + 1) / 4
+    assert lovasz_softmax_loss(logits, target).item() != pytest.approx(with_absent, abs=1e-2)
 
 
 def _square_mask(top: int = 20, left: int = 40, size: int = 24) -> np.ndarray:
@@ -229,10 +305,63 @@ def test_class_weights_follow_the_schemes():
         class_weights_from_masks(masks, "median")
 
 
+def _counted_masks(*counts: int) -> np.ndarray:
+    """A (1, 1, N) mask with counts[k] pixels of class k + 1, plus a few background pixels."""
+    labels = np.repeat(np.arange(1, len(counts) + 1), counts)
+    return np.concatenate([labels, np.zeros(9, dtype=int)]).astype(np.uint8)[None, None]
+
+
+def test_class_weight_cap_clips_to_a_multiple_of_the_lightest_class():
+    masks = _counted_masks(100, 100, 100, 1)  # big rock 100x rarer than the rest
+    uncapped = torch.tensor([0, 1, 1, 1, 100]) / 25.75
+    torch.testing.assert_close(class_weights_from_masks(masks, "inverse"), uncapped)
+    torch.testing.assert_close(
+        class_weights_from_masks(masks, "inverse", cap=10),
+        torch.tensor([0, 4, 4, 4, 40]) / 13,
+    )
+    for cap in (100, 250.0):  # at or above the raw ratio: nothing to clip
+        torch.testing.assert_close(class_weights_from_masks(masks, "inverse", cap=cap), uncapped)
+    # inverse_sqrt's raw ratio is 10: a cap of 2 gives (1, 1, 1, 2) / 1.25.
+    torch.testing.assert_close(
+        class_weights_from_masks(masks, "inverse_sqrt", cap=2),
+        torch.tensor([0, 0.8, 0.8, 0.8, 1.6]),
+    )
+    torch.testing.assert_close(
+        class_weights_from_masks(masks, "inverse", cap=1), torch.tensor([0.0, 1, 1, 1, 1])
+    )
+    torch.testing.assert_close(
+        class_weights_from_masks(masks, "none", cap=10), torch.tensor([0.0, 1, 1, 1, 1])
+    )
+
+
+def test_class_weight_cap_applies_to_an_absent_class():
+    """Raw inverse weights (1, 4, 100) and the absent big rock at the largest, 100: capped at
+    10x soil, (1, 4, 10, 10) with mean 25/4."""
+    masks = _counted_masks(100, 25, 1)
+    torch.testing.assert_close(
+        class_weights_from_masks(masks, "inverse", cap=10),
+        torch.tensor([0, 4, 16, 40, 40]) / 25,
+    )
+
+
+@pytest.mark.parametrize("cap", [0.5, -1, float("nan"), "x"])
+def test_bad_class_weight_cap_names_the_field(cap):
+    with pytest.raises(ConfigError, match=r"^loss\.class_weight_cap must be ") as error:
+        class_weights_from_masks(_counted_masks(10, 10, 10, 1), "inverse", cap=cap)
+    assert "\n" not in str(error.value)
+
+
 def test_loss_config_defaults_are_the_reference_recipe():
     config = LossConfig()
-    assert config.weights_at(0) == {"ce": 1.0, "dice": 0.0, "focal": 0.0, "boundary": 0.0}
+    assert config.weights_at(0) == {
+        "ce": 1.0,
+        "dice": 0.0,
+        "focal": 0.0,
+        "lovasz": 0.0,
+        "boundary": 0.0,
+    }
     assert config.class_weights == "none" and config.label_smoothing == 0
+    assert config.class_weight_cap == 0
     assert not config.needs_distance_maps
 
 
@@ -246,6 +375,12 @@ def test_loss_config_defaults_are_the_reference_recipe():
         ({"region_floor": 1.5}, "loss.region_floor must be <= 1"),
         ({"class_weights": "median"}, "loss.class_weights must be one of none, inverse"),
         ({"ce_weight": 0.0}, "every term weight is 0"),
+        ({"ce_weight": 0.0}, "loss.focal_weight or loss.lovasz_weight)"),
+        ({"lovasz_weight": -0.5}, "loss.lovasz_weight must be >= 0, got -0.5"),
+        ({"class_weight_cap": 0.5}, "loss.class_weight_cap must be >= 1, got 0.5"),
+        ({"class_weight_cap": -1}, "loss.class_weight_cap must be >= 1, got -1"),
+        ({"class_weight_cap": float("nan")}, "loss.class_weight_cap must be finite"),
+        ({"class_weight_cap": "x"}, "loss.class_weight_cap must be a number, got 'x'"),
     ],
 )
 def test_bad_loss_config_names_the_field(fields, message):
@@ -294,16 +429,50 @@ def test_combined_loss_uses_class_weights(labelled_batch):
     )
 
 
+def test_combined_loss_with_lovasz_only(labelled_batch):
+    _, masks = labelled_batch
+    config = LossConfig(lovasz_weight=1.0, ce_weight=0)
+    assert config == LossConfig.from_terms({"lovasz": 1.0})
+    loss_fn = CombinedLoss(config)
+    logits = _random_logits(masks)
+    total = loss_fn(logits, masks)
+    torch.testing.assert_close(total, lovasz_softmax_loss(logits, masks))
+    assert set(loss_fn.terms) == {"lovasz"}
+    total.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.any()
+
+
+def test_lovasz_and_cap_survive_config_round_trips():
+    loss = LossConfig(
+        ce_weight=0.5, lovasz_weight=0.75, class_weights="inverse", class_weight_cap=10.0
+    )
+    config = TrainConfig(loss=loss)
+    again = TrainConfig.from_dict(config.to_dict())
+    assert again == config
+    assert again.loss.lovasz_weight == 0.75 and again.loss.class_weight_cap == 10.0
+    assert LossConfig.from_dict({"lovasz_weight": 1.0, "class_weight_cap": 10}).lovasz_weight == 1
+    with pytest.raises(ConfigError, match=r"loss\.class_weight_cap must be >= 1"):
+        TrainConfig.from_dict({"loss": {"class_weight_cap": 0.5}})
+
+
 def test_boundary_ramp_moves_weight_from_region_to_boundary():
-    config = LossConfig(ce_weight=1.0, dice_weight=1.0, boundary_weight=0.01, boundary_ramp=0.1)
+    config = LossConfig(
+        ce_weight=1.0,
+        dice_weight=1.0,
+        lovasz_weight=0.5,
+        boundary_weight=0.01,
+        boundary_ramp=0.1,
+    )
     assert config.needs_distance_maps
-    assert config.weights_at(0) == pytest.approx({"ce": 1, "dice": 1, "focal": 0, "boundary": 0.01})
+    assert config.weights_at(0) == pytest.approx(
+        {"ce": 1, "dice": 1, "focal": 0, "lovasz": 0.5, "boundary": 0.01}
+    )
     assert config.weights_at(3) == pytest.approx(
-        {"ce": 0.7, "dice": 0.7, "focal": 0, "boundary": 0.31}
+        {"ce": 0.7, "dice": 0.7, "focal": 0, "lovasz": 0.35, "boundary": 0.31}
     )
     # The region terms stop at region_floor; the boundary weight keeps growing, as in the paper.
     assert config.weights_at(20) == pytest.approx(
-        {"ce": 0.1, "dice": 0.1, "focal": 0, "boundary": 2.01}
+        {"ce": 0.1, "dice": 0.1, "focal": 0, "lovasz": 0.05, "boundary": 2.01}
     )
 
 
