@@ -76,11 +76,15 @@ class AugmentConfig:
 
     `intensity` scales the online pipeline, 0 being none at all. `photometric` adds brightness,
     contrast, gamma and noise ops at the same intensity (so it has no effect at intensity 0).
+    `random_flip` flips each drawn training image (and its mask) horizontally with probability
+    1/2, on the device, with no loader: the plain recipe's only augmentation. The online
+    pipeline already flips, so it only matters at intensity 0.
     """
 
     preset: str = "reference"
     intensity: float = 0.0
     photometric: bool = False
+    random_flip: bool = False
 
     def __post_init__(self) -> None:
         _check_preset(self.preset)
@@ -90,10 +94,11 @@ class AugmentConfig:
             or not 0 <= self.intensity <= 1
         ):
             raise ConfigError(f"augment.intensity must be in [0, 1], got {self.intensity!r}")
-        if not isinstance(self.photometric, bool):
-            raise ConfigError(
-                f"augment.photometric must be true or false, got {self.photometric!r}"
-            )
+        for name in ("photometric", "random_flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"augment.{name} must be true or false, got {getattr(self, name)!r}"
+                )
 
 
 def _check_preset(preset: str) -> None:

@@ -128,9 +128,11 @@ class _PanelWriter:
             return
         if self.writer is None:
             self.writer = SummaryWriter(str(self.trial_dir))
-        device = next(state.model.parameters()).device
+        device = next(state.eval_model.parameters()).device
         dtype = autocast_dtype_for(self.config, device)
-        preds = predict_masks([state.model], self.images, device, tta=False, autocast_dtype=dtype)
+        preds = predict_masks(
+            [state.eval_model], self.images, device, tta=False, autocast_dtype=dtype
+        )
         panel = prediction_panel(self.images, self.masks, preds)
         self.writer.add_image("val/input_truth_prediction", panel, epoch, dataformats="HWC")
         self.writer.flush()

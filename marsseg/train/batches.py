@@ -76,7 +76,9 @@ def prepare_data(
     )
     class_weights = None
     if config.loss.class_weights != "none":
-        class_weights = class_weights_from_masks(offline.masks, config.loss.class_weights)
+        class_weights = class_weights_from_masks(
+            offline.masks, config.loss.class_weights, config.loss.class_weight_cap
+        )
     val_images = val_masks = val_dist = None
     if val_idx is not None:
         val_images, val_masks = archive.images[val_idx], archive.masks[val_idx]
@@ -96,6 +98,21 @@ def prepare_data(
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of everything random in one epoch: a resumed run redraws what it would have."""
     return seed * 100_003 + epoch
+
+
+def random_flips(
+    images: Tensor, masks: Tensor, dist: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Flip a random half of a batch horizontally, images, masks and distance maps alike.
+
+    Drawn from torch's generator on the batch's device, which `fit` reseeds every epoch.
+    """
+    flip = torch.rand(len(images), device=images.device) < 0.5
+
+    def apply(x: Tensor) -> Tensor:
+        return torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
+
+    return apply(images), apply(masks), None if dist is None else apply(dist)
 
 
 class Batches:
@@ -128,10 +145,12 @@ class Batches:
         n_batches = max(1, len(plan) // batch_size)  # drop a ragged tail (BatchNorm)
         chunks = np.array_split(plan[: n_batches * batch_size], n_batches)
         if not self.online:
+            flip = self.config.augment.random_flip
             for chunk in chunks:
                 index = torch.from_numpy(chunk).to(self.device)
                 dist = None if self.dist is None else self.dist[index].float()
-                yield self.images[index].unsqueeze(1), self.masks[index].long(), dist
+                batch = (self.images[index].unsqueeze(1), self.masks[index].long(), dist)
+                yield random_flips(*batch) if flip else batch
             return
         loader = torch.utils.data.DataLoader(
             AugmentedBatches(

@@ -1,9 +1,11 @@
 """Training one configuration: the same `fit` serves the CLI, a Ray Tune trial and the final stage.
 
 The loop is plain on purpose (nanoGPT-style): per epoch it draws an index plan (big-rock images
-oversampled), trains, validates on the held-out split, steps ReduceLROnPlateau and early stopping
-on validation mIoU, and hands the epoch's metrics and a checkpointable state to `on_epoch`. Ray
-is never imported here: `search/` turns `on_epoch` into `tune.report`.
+oversampled), trains (stepping a per-batch LR schedule and the weight average after every
+step), validates on the held-out split (the average, when there is one), steps
+ReduceLROnPlateau and early stopping on validation mIoU, and hands the epoch's metrics and a
+checkpointable state to `on_epoch`. Ray is never imported here: `search/` turns `on_epoch`
+into `tune.report`.
 
 Speed, for trials that are tiny (64x128 images, a few thousand of them): the whole training set
 (offline augmentation included) lives on the training device as tensors and a batch is an index
@@ -37,6 +39,13 @@ from marsseg.metrics import ConfusionMeter, Scores, decode
 from marsseg.precision import autocast, autocast_dtype_for
 from marsseg.sampling import oversample_indices
 from marsseg.train.batches import Batches, PreparedData, epoch_seed, prepare_data
+from marsseg.train.schedule import (
+    StepHook,
+    build_ema,
+    build_scheduler,
+    epoch_rng,
+    total_steps,
+)
 from marsseg.train.state import EpochState
 
 EVAL_BATCH = 256
@@ -64,7 +73,8 @@ EPOCH_METRICS = (
 
 @dataclass
 class FitResult:
-    """A finished run: its history, best epoch and the model with its best weights loaded."""
+    """A finished run: its history, best epoch and the model with its best weights loaded
+    (the weight average's, when the config keeps one)."""
 
     model: nn.Module
     history: list[dict[str, Any]]
@@ -120,16 +130,13 @@ def fit(
         weight_decay=config.optim.weight_decay,
         betas=config.optim.betas,
     )
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer,
-        mode="max",
-        factor=config.scheduler.factor,
-        patience=config.scheduler.patience,
-        min_lr=config.scheduler.min_lr,
-    )
-    state = EpochState(config, model, optimizer, scheduler)
+    steps = total_steps(config, data.has_big_rock) if config.scheduler.per_batch else 0
+    scheduler = build_scheduler(config.scheduler, optimizer, steps)
+    ema = build_ema(model, config.ema_decay)
+    state = EpochState(config, model, optimizer, scheduler, ema=ema)
     if checkpoint is not None:
         state.load(checkpoint)
+    after_step = _step_hook(model, scheduler if config.scheduler.per_batch else None, ema)
     step_model = torch.compile(model) if config.compile and cuda else model
     weights = data.class_weights.to(device) if data.class_weights is not None else None
     criterion = CombinedLoss(config.loss, class_weights=weights).to(device)
@@ -142,7 +149,7 @@ def fit(
         epoch = state.epoch  # 0-based index of the epoch about to run
         torch.manual_seed(epoch_seed(config.seed, epoch))
         plan = oversample_indices(
-            data.has_big_rock, config.oversample, np.random.default_rng([config.seed, epoch])
+            data.has_big_rock, config.oversample, epoch_rng(config.seed, epoch)
         )
         start = time.perf_counter()
         train_loss, images_seen, wait = _train_epoch(
@@ -153,14 +160,17 @@ def fit(
             epoch,
             autocast_dtype,
             memory_format,
+            after_step,
         )
         train_time = time.perf_counter() - start
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
         if data.val_images is not None:
-            val_loss, scores = evaluate(step_model, criterion, data, device, autocast_dtype, epoch)
+            scored = step_model if ema is None else ema.module
+            val_loss, scores = evaluate(scored, criterion, data, device, autocast_dtype, epoch)
             metrics.update(_val_metrics(val_loss, scores))
             stop_reason = _track_best(state, metrics["val_miou"], config)
-            scheduler.step(metrics["val_miou"])
+            if not config.scheduler.per_batch:
+                scheduler.step(metrics["val_miou"])
             metrics["val_miou_best"] = state.best_score
         elapsed = time.perf_counter() - start
         state.epoch = epoch + 1
@@ -178,9 +188,28 @@ def fit(
         if on_epoch is not None:
             on_epoch(metrics, state)
 
+    final = state.eval_model
     if state.best_weights is not None:
-        model.load_state_dict(state.best_weights)
-    return FitResult(model, state.history, state.best_score, state.best_epoch, stop_reason)
+        final.load_state_dict(state.best_weights)
+    return FitResult(final, state.history, state.best_score, state.best_epoch, stop_reason)
+
+
+def _step_hook(
+    model: nn.Module,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    ema: torch.optim.swa_utils.AveragedModel | None,
+) -> StepHook | None:
+    """What runs after every optimiser step: a per-batch schedule and the weight average."""
+    if scheduler is None and ema is None:
+        return None
+
+    def after_step() -> None:
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+
+    return after_step
 
 
 def memory_format_for(
@@ -203,7 +232,7 @@ def _track_best(state: EpochState, score: float, config: TrainConfig) -> str:
         state.bad_epochs += 1
     if score > state.best_score:
         state.best_score, state.best_epoch = score, state.epoch + 1
-        weights = state.model.state_dict()
+        weights = state.eval_model.state_dict()
         state.best_weights = {k: v.detach().cpu().clone() for k, v in weights.items()}
     return "early_stopping" if state.bad_epochs >= config.early_stopping.patience else ""
 
@@ -216,8 +245,12 @@ def _train_epoch(
     epoch: int,
     autocast_dtype: torch.dtype | None,
     memory_format: torch.memory_format = torch.contiguous_format,
+    after_step: StepHook | None = None,
 ) -> tuple[float, int, float]:
-    """One pass over the plan; returns mean loss, images seen and seconds spent waiting for data."""
+    """One pass over the plan; returns mean loss, images seen and seconds spent waiting for data.
+
+    `after_step` runs after every optimiser step (per-batch LR schedules, the weight average).
+    """
     model.train()
     total = torch.zeros((), device=next(model.parameters()).device)
     seen = steps = 0
@@ -239,6 +272,8 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += loss.detach()
         seen += len(images)
         steps += 1

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from marsseg.config import TrainConfig
 from marsseg.errors import ConfigError
 from marsseg.fileio import atomic_path
+from marsseg.train.schedule import Scheduler
 
 
 @dataclass
@@ -23,7 +24,9 @@ class EpochState:
     config: TrainConfig
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scheduler: Scheduler
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    """The weight average (`ema_decay` > 0): what validation scores and `best_weights` hold."""
     epoch: int = 0
     best_score: float = -math.inf
     best_epoch: int = 0
@@ -31,12 +34,18 @@ class EpochState:
     best_weights: dict[str, Tensor] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model that is validated and kept: the weight average when there is one."""
+        return self.model if self.ema is None else self.ema.module
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "epoch": self.epoch,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
@@ -60,6 +69,8 @@ class EpochState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         for key in ("epoch", "best_score", "best_epoch", "bad_epochs", "best_weights", "history"):
             setattr(self, key, state[key])
         torch.set_rng_state(state["rng"]["torch"])
