@@ -26,7 +26,11 @@ def sample(space_name: str, n: int, seed: int = 0) -> list[dict]:
     return drawn
 
 
-@pytest.mark.parametrize("name", SPACE_NAMES)
+RECIPE_SPACES = [name for name in SPACE_NAMES if name != "marsseg_small"]
+"""Every space but `marsseg_small`, whose narrow ranges leave the recipe's MarsSeg out."""
+
+
+@pytest.mark.parametrize("name", RECIPE_SPACES)
 def test_reference_recipe_is_the_first_point_and_maps_to_the_preset(name):
     space = get_space(name)
     study = optuna.create_study(direction="maximize")
@@ -68,3 +72,30 @@ def test_unknown_spaces_are_one_line_errors():
         get_space("nope")
     with pytest.raises(ConfigError, match="cannot load search space 'no_module:space'"):
         get_space("no_module:space")
+
+
+def test_marsseg_small_keeps_marsseg_narrow_and_starts_from_tpe_alone():
+    from spaces.marsseg_small import NARROW
+
+    assert get_space("marsseg_small").points_to_evaluate == []
+    base = preset("reference")
+    for params in sample("marsseg_small", 40, seed=3):
+        knobs = params_to_config(params, base).model.knobs
+        assert params["arch"] == "marsseg"
+        for name, bounds in NARROW.items():
+            assert bounds["low"] <= knobs[name] <= bounds["high"]
+
+
+def test_schedules_ema_lovasz_and_weight_caps_are_sampled_into_the_config():
+    base = preset("reference")
+    drawn = sample("marsseg", 80, seed=4)
+    configs = [params_to_config(params, base) for params in drawn]
+    assert {c.scheduler.kind for c in configs} == {"plateau", "onecycle", "cosine", "constant"}
+    for params, config in zip(drawn, configs, strict=True):
+        assert config.scheduler.kind == params["scheduler.kind"]
+        assert (config.ema_decay > 0) == (params["ema"] == "on")
+        assert (config.loss.lovasz_weight > 0) == (params["loss.lovasz"] == "on")
+        if "loss.class_weight_cap" in params:
+            assert config.loss.class_weight_cap == params["loss.class_weight_cap"]
+        assert config.augment.random_flip == params["augment.random_flip"]
+    assert any(c.loss.class_weight_cap == 10 for c in configs)
