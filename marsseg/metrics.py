@@ -17,6 +17,7 @@ full logits to the CPU: only the 5x5 matrix is ever read back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,11 @@ import torch
 from marsseg.classes import BACKGROUND, NUM_CLASSES, SCORED_CLASSES
 
 
-def decode(logits: torch.Tensor, metric_aware: bool = True) -> torch.Tensor:
+def decode(
+    logits: torch.Tensor,
+    metric_aware: bool = True,
+    offsets: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Turn logits (B, 5, H, W) into labels (B, H, W).
 
     With `metric_aware`, the argmax runs over classes 1-4 only: the metric never rewards a
@@ -33,10 +38,28 @@ def decode(logits: torch.Tensor, metric_aware: bool = True) -> torch.Tensor:
     not a theorem for every input (a class-0 guess replaced by a wrong class adds a false
     positive to that class), but on a model's informative predictions dropping the class-0 term
     outweighs it; the tests check this over noisy logits.
+
+    `offsets` (5,) are added per class before the argmax (see `marsseg.calibrate`). Logits and
+    log-probabilities differ by a per-pixel constant, so either may be passed with them, but
+    never probabilities: turn those into scores with `calibrate.apply_offsets` instead.
     """
+    if offsets is not None:
+        logits = logits + as_offsets(offsets, logits)
     if not metric_aware:
         return logits.argmax(dim=1)
     return logits[:, BACKGROUND + 1 :].argmax(dim=1) + (BACKGROUND + 1)
+
+
+def as_offsets(
+    offsets: Sequence[float] | np.ndarray | torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
+    """Per-class offsets shaped (1, 5, 1, 1) to broadcast over `like`'s (B, 5, H, W) scores."""
+    values = torch.as_tensor(offsets, dtype=like.dtype, device=like.device)
+    if values.shape != (NUM_CLASSES,):
+        raise ValueError(f"offsets must have shape ({NUM_CLASSES},), got {tuple(values.shape)}")
+    if not torch.isfinite(values).all():
+        raise ValueError("offsets must be finite")
+    return values.reshape(1, NUM_CLASSES, *([1] * (like.ndim - 2)))
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -46,12 +69,11 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    target = target.reshape(-1).long()
-    pred = pred.reshape(-1).long()
-    keep = target != BACKGROUND
-    codes = target[keep] * NUM_CLASSES + pred[keep]
+    codes = target.reshape(-1).long() * NUM_CLASSES + pred.reshape(-1).long()
     counts = torch.bincount(codes, minlength=NUM_CLASSES * NUM_CLASSES)
-    return counts.reshape(NUM_CLASSES, NUM_CLASSES)
+    counts = counts.reshape(NUM_CLASSES, NUM_CLASSES)
+    counts[BACKGROUND] = 0  # cheaper than selecting the pixels first: no boolean gather
+    return counts
 
 
 @dataclass(frozen=True)

@@ -2,19 +2,23 @@
 
 Probabilities are averaged per batch (over models and over the flipped copy) and decoded at once,
 so predicting 10k test images never holds more than one batch of probabilities. Model files hold
-the config and the weights of every member (`weights_only=True` loads them: no pickled code).
+the config, the weights of every member and optionally the calibration offsets fitted on their
+out-of-fold probabilities (`weights_only=True` loads them: no pickled code).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from marsseg.calibrate import apply_offsets
+from marsseg.classes import NUM_CLASSES
 from marsseg.config import TrainConfig
 from marsseg.errors import ConfigError
 from marsseg.fileio import atomic_path
@@ -58,28 +62,58 @@ def predict_masks(
     metric_aware: bool = True,
     autocast_dtype: torch.dtype | None = None,
     batch_size: int = BATCH,
+    offsets: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
-    """Labels (N, H, W) uint8 for images (N, H, W) in [0, 1], in order."""
+    """Labels (N, H, W) uint8 for images (N, H, W) in [0, 1], in order.
+
+    `offsets` (5,) from `calibrate.fit_offsets` are added to the log of the averaged
+    probabilities before the argmax; None or all zeros decode the probabilities as they are.
+    """
     device = torch.device(device)
     models = [m.to(device) for m in models]
+    if offsets is not None:
+        offsets = np.asarray(offsets, dtype=np.float64)
+        if offsets.shape != (NUM_CLASSES,):
+            raise ValueError(f"offsets must have shape ({NUM_CLASSES},), got {offsets.shape}")
+        if not offsets.any():
+            offsets = None
     out = np.empty(images.shape, dtype=np.uint8)
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
         probs = predict_probabilities(models, batch.to(device).unsqueeze(1), tta, autocast_dtype)
-        out[start : start + len(batch)] = decode(probs, metric_aware=metric_aware).cpu().numpy()
+        scores = probs if offsets is None else apply_offsets(probs, offsets)
+        out[start : start + len(batch)] = decode(scores, metric_aware=metric_aware).cpu().numpy()
     return out
 
 
-def save_models(path: str | os.PathLike, config: TrainConfig, models: Sequence[nn.Module]) -> Path:
-    """Write the members' weights and the config that builds them, atomically."""
+@dataclass(frozen=True)
+class Ensemble:
+    """What a model file holds: the config, the members and the calibration offsets."""
+
+    config: TrainConfig
+    models: list[nn.Module]
+    offsets: np.ndarray | None
+    """(5,) float64 offsets for `predict_masks`; None for a file written without them."""
+
+
+def save_models(
+    path: str | os.PathLike,
+    config: TrainConfig,
+    models: Sequence[nn.Module],
+    offsets: Sequence[float] | np.ndarray | None = None,
+) -> Path:
+    """Write the members' weights, the config that builds them and the offsets, atomically."""
     states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
+    state = {"config": config.to_dict(), "models": states}
+    if offsets is not None:
+        state["offsets"] = _check_offsets(offsets, "offsets")
     with atomic_path(path) as temp:
-        torch.save({"config": config.to_dict(), "models": states}, temp)
+        torch.save(state, temp)
     return Path(path)
 
 
-def load_models(path: str | os.PathLike) -> tuple[TrainConfig, list[nn.Module]]:
-    """Rebuild the models written by `save_models`, in eval mode, on the CPU."""
+def load_ensemble(path: str | os.PathLike) -> Ensemble:
+    """Rebuild what `save_models` wrote, models in eval mode on the CPU."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model file not found: {path}")
@@ -95,4 +129,24 @@ def load_models(path: str | os.PathLike) -> tuple[TrainConfig, list[nn.Module]]:
         model = config.model.build()
         model.load_state_dict(weights)
         models.append(model.eval())
-    return config, models
+    offsets = state.get("offsets")
+    if offsets is not None:
+        offsets = np.array(_check_offsets(offsets, f"{path}: 'offsets'"))
+    return Ensemble(config=config, models=models, offsets=offsets)
+
+
+def load_models(path: str | os.PathLike) -> tuple[TrainConfig, list[nn.Module]]:
+    """The config and members of a model file, without its calibration (see `load_ensemble`)."""
+    ensemble = load_ensemble(path)
+    return ensemble.config, ensemble.models
+
+
+def _check_offsets(offsets: Sequence[float] | np.ndarray, what: str) -> list[float]:
+    """Offsets as a plain list of floats: what `weights_only` loading accepts."""
+    try:
+        values = np.asarray(offsets, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be {NUM_CLASSES} numbers") from None
+    if values.shape != (NUM_CLASSES,) or not np.isfinite(values).all():
+        raise ConfigError(f"{what} must be {NUM_CLASSES} finite numbers, got shape {values.shape}")
+    return [float(v) for v in values]
