@@ -1,12 +1,12 @@
-"""The final stage's report: per-class IoU next to the reference team's, confusion matrix, training
-curves and sample predictions, as a Markdown file with PNGs beside it."""
+"""The final stage's report: per-class IoU next to the reference team's, the calibration's effect,
+confusion matrix, training curves and sample predictions, as a Markdown file with PNGs beside it."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,6 +15,9 @@ from marsseg.classes import CLASS_NAMES, SCORED_CLASSES
 from marsseg.config import TrainConfig
 from marsseg.data.figures import class_legend, prediction_panel, save_figure
 from marsseg.metrics import Scores
+
+if TYPE_CHECKING:
+    from marsseg.calibrate import Calibration
 
 REFERENCE_IOU = {1: 0.8701, 2: 0.8064, 3: 0.8755, 4: 0.2032}
 """The reference team's per-class test IoU (MarsSeg, hidden Kaggle test set): mean 0.69."""
@@ -109,6 +112,22 @@ def iou_table(scores: Scores | None, label: str) -> str:
     return "\n".join(lines)
 
 
+def calibration_table(calibration: Calibration) -> str:
+    """Markdown table of per-class out-of-fold IoU without and with the offsets, and each offset."""
+    before, after = calibration.before, calibration.after
+    lines = ["| class | IoU before | IoU after | offset |", "|---|---:|---:|---:|"]
+    for cls in SCORED_CLASSES:
+        lines.append(
+            f"| {CLASS_NAMES[cls]} | {before.iou[cls]:.4f} | {after.iou[cls]:.4f} "
+            f"| {calibration.offsets[cls]:+.2f} |"
+        )
+    lines.append(
+        f"| **out-of-fold mIoU** | **{before.mean_iou:.4f}** | **{after.mean_iou:.4f}** "
+        f"| {calibration.gain:+.4f} |"
+    )
+    return "\n".join(lines)
+
+
 def settings(config: TrainConfig) -> dict[str, str]:
     """The config in a few readable rows."""
     knobs = ", ".join(f"{k}={v}" for k, v in config.model.knobs.items())
@@ -133,8 +152,9 @@ def write_report(
     samples: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
     facts: dict[str, Any],
     commands: Sequence[str],
+    calibration: Calibration | None = None,
 ) -> Path:
-    """Write `report.md` and its PNGs into `out`."""
+    """Write `report.md` and its PNGs into `out` (a calibration section when offsets were fit)."""
     out.mkdir(parents=True, exist_ok=True)
     sections = [
         "# Final training report",
@@ -150,6 +170,18 @@ def write_report(
         "The reference team's figures are on the challenge's hidden test set; ours are on held-out"
         " training images, so the two columns are comparable in kind, not in data.",
         "",
+    ]
+    if calibration is not None:
+        sections += [
+            "## Calibration",
+            "",
+            "Per-class offsets added to the log-probabilities before the metric-aware argmax,"
+            " fit on the out-of-fold probabilities; the submission is decoded with them.",
+            "",
+            calibration_table(calibration),
+            "",
+        ]
+    sections += [
         "## Training curves",
         "",
         f"![training curves]({plot_curves(histories, out / 'curves.png').name})",

@@ -21,7 +21,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,12 +30,10 @@ from marsseg.cli import run_cli
 from marsseg.config import PRESETS, TrainConfig, preset
 from marsseg.data import MarsArchive, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError
-from marsseg.train import fit, prepare_data
 from marsseg.train.loop import IOU_KEYS
-from search.cluster import AUTOSCALER_CONFIG, capacity, check_trial_resources, connect
+from search.tasks import SCORES, add_resource_flags, start_ray, task_threads, train_run
 
 PRESET_PREFIX = "preset:"
-SCORES = ["val_miou", *IOU_KEYS.values()]
 
 
 @dataclass(frozen=True)
@@ -75,9 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     add("--val-fraction", type=float, default=0.2, help="share of images held out for scoring")
     add("--split-seed", type=int, default=0, help="seed of the one validation split")
-    add("--cpus-per-trial", type=float, default=1, help="CPUs per run (torch threads)")
-    add("--gpus-per-trial", type=float, help="GPUs per run; 0.25 packs 4 (default: 1 if any)")
-    add("--address", help="Ray address: 'auto' joins a cluster (default: a local Ray)")
+    add_resource_flags(parser)
     add("--out", type=Path, default=Path("results") / "comparison", help="output folder")
     args = parser.parse_args(argv)
     if args.epochs < 1:
@@ -87,23 +82,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds repeats a seed: {args.seeds}")
     return args
-
-
-@ray.remote
-def _train_run(
-    config: TrainConfig, archive: MarsArchive, split: tuple[np.ndarray, np.ndarray], threads: int
-) -> dict[str, Any]:
-    """One candidate with one seed: its scores at its best epoch (the weights it would keep)."""
-    start = time.perf_counter()
-    result = fit(config, prepare_data(config, archive, split=split), num_threads=threads)
-    best = next(row for row in result.history if row["epoch"] == result.best_epoch)
-    return {
-        **{key: best[key] for key in SCORES},
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "train_s": sum(row["epoch_time_s"] for row in result.history),
-        "wall_s": time.perf_counter() - start,
-    }
 
 
 def run_all(
@@ -117,12 +95,12 @@ def run_all(
 ) -> pd.DataFrame:
     """Every (candidate, seed) as a Ray task at once; Ray queues what does not fit."""
     data = ray.put(archive)  # one copy in the object store for every run
-    remote = _train_run.options(num_cpus=cpus, num_gpus=gpus)
+    remote = train_run.options(num_cpus=cpus, num_gpus=gpus)
     jobs = {}
     for candidate in candidates:
         for seed in seeds:
             config = candidate.config.replace(seed=seed, max_epochs=epochs)
-            jobs[(candidate.name, seed)] = remote.remote(config, data, split, max(1, int(cpus)))
+            jobs[(candidate.name, seed)] = remote.remote(config, data, split, task_threads(cpus))
     rows = []
     for (name, seed), job in jobs.items():
         row = ray.get(job)
@@ -172,10 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {args.data or 'synthetic'}: {report.summary()}")
     split = train_val_split(archive.masks, args.val_fraction, args.split_seed)
 
-    connect(args.address)
-    cap = capacity(AUTOSCALER_CONFIG if args.address else None)
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cap.gpus else 0.0)
-    check_trial_resources(cap, args.cpus_per_trial, gpus)
+    gpus = start_ray(args.address, args.cpus_per_trial, args.gpus_per_trial)
     start = time.perf_counter()
     runs = run_all(candidates, args.seeds, archive, split, args.epochs, args.cpus_per_trial, gpus)
     wall = time.perf_counter() - start

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 import torch
 from search_helpers import search_args
 from torch import nn
 
 from marsseg.cli import run_cli
 from marsseg.config import TrainConfig
-from marsseg.data import archive_from_arrays, load_archive, save_archive
+from marsseg.data import (
+    archive_from_arrays,
+    kfold_plans,
+    load_archive,
+    load_clean_archive,
+    save_archive,
+)
 from marsseg.data.synthetic import generate
 from marsseg.metrics import score_masks
-from marsseg.predict import load_models, predict_masks
+from marsseg.predict import load_ensemble, load_models, predict_masks
 from marsseg.submission import HEADER, read_submission
 from marsseg.train import fit
-from search import export
+from search import export, tasks
 from search import final as final_stage
 from search import predict as predict_stage
 from search.run import main as search_main
@@ -58,18 +67,64 @@ def test_export_errors_are_one_line(experiment, tmp_path, capsys):
     assert "no trial of architecture 'marsseg'" in capsys.readouterr().err
 
 
+TINY = {"model": {"name": "unet", "knobs": {"depth": 2, "base_channels": 8}}, "batch_size": 32}
+FAST = {**TINY, "augment": {"preset": "none"}, "max_epochs": 1}
+"""One epoch without offline augmentation: the fold tests check the plumbing, not the model."""
+
+
 @pytest.fixture(scope="module")
 def final_run(experiment, tiny_archive, tmp_path_factory):
+    """A 2-fold run whose fold results are recorded as the driver receives them."""
     out = tmp_path_factory.mktemp("final")
     export.export(str(experiment), top_k=1, arch="any", out=out / "configs")
     args = ["--config", str(out / "configs" / "best_config.yaml"), "--data", str(tiny_archive)]
     args += ["--folds", "2", "--epochs", "2", "--out", str(out / "run"), "--threads", "2"]
-    assert final_stage.main(args) == 0
-    return out / "run", args
+    args += ["--cpus-per-trial", "1"]
+    received = []
+
+    def recording(jobs, desc):
+        assert all(isinstance(ref, ray.ObjectRef) for ref in jobs.values())  # Ray tasks
+        for key, result, reason in tasks.as_completed(jobs, desc):
+            received.append((key, result))
+            yield key, result, reason
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(final_stage, "as_completed", recording)
+        assert final_stage.main(args) == 0
+    return out / "run", args, received
+
+
+@pytest.fixture(scope="module")
+def small_archive(tmp_path_factory):
+    """60 training and 2 test images: enough for 2 stratified folds."""
+    s = generate(n_train=60, n_test=2, seed=7, n_aliens=0)
+    return save_archive(tmp_path_factory.mktemp("small") / "small.npz", s.training_set, s.test_set)
+
+
+def fold_args(folder, archive) -> list[str]:
+    """A 2-fold run of the FAST config on `archive` into `folder / "run"`."""
+    config = folder / "fast.yaml"
+    TrainConfig.from_dict(FAST).save(config)
+    return ["--config", str(config), "--data", str(archive), "--folds", "2"]
+
+
+def test_final_folds_run_as_ray_tasks_and_predict_every_image_once(final_run, tiny_archive):
+    out, _, received = final_run
+    masks = load_clean_archive(tiny_archive)[0].masks
+    assert sorted(key for key, _ in received) == [0, 1]
+    counts = np.bincount(np.concatenate([r["val_idx"] for _, r in received]), minlength=len(masks))
+    assert (counts == 1).all()
+    for _, result in received:
+        probs = result["probs"]
+        assert probs.dtype == np.float16 and probs.shape == (len(result["val_idx"]), 5, 64, 128)
+        np.testing.assert_allclose(probs.astype(np.float32).sum(axis=1), 1, atol=1e-2)
+    for k in (1, 2):
+        _config, models = load_models(out / "folds" / f"fold-{k}.pt")
+        assert len(models) == 1
 
 
 def test_final_writes_a_valid_submission(final_run, tiny_archive):
-    out, _ = final_run
+    out, *_ = final_run
     n_test = len(load_archive(tiny_archive).test_images)
     text = (out / "submission.csv").read_bytes()
     assert text.startswith(HEADER) and text.count(b"\n") == n_test + 1
@@ -79,7 +134,7 @@ def test_final_writes_a_valid_submission(final_run, tiny_archive):
 
 
 def test_final_model_reloads_and_reproduces_the_submission(final_run, tiny_archive, tmp_path):
-    out, _ = final_run
+    out, *_ = final_run
     _config, models = load_models(out / "model.pt")
     assert len(models) == 2  # the two folds' models
     again = tmp_path / "again.csv"
@@ -100,19 +155,98 @@ def test_final_compress_writes_a_gzip_submission(experiment, tiny_archive, tmp_p
 
 
 def test_final_report_and_figures(final_run):
-    out, _ = final_run
+    out, *_ = final_run
     report = (out / "report.md").read_text()
     assert "out-of-fold (2 folds)" in report and "0.8701" in report and "0.2032" in report
     assert "python -m search.final --config" in report
+    assert "## Calibration" in report and "| class | IoU before | IoU after | offset |" in report
+    assert "| **out-of-fold mIoU** |" in report
     for name in ("curves.png", "confusion.png", "predictions.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
         assert f"({name})" in report
 
 
 def test_final_refuses_to_overwrite_without_force(final_run, capsys):
-    _out, args = final_run
+    _out, args, _ = final_run
     assert run_cli(final_stage.main, args) == 2
     assert "submission.csv exists; pass --force" in capsys.readouterr().err
+
+
+def test_a_failed_fold_is_named_and_the_others_are_kept(
+    ray_env, small_archive, tmp_path, monkeypatch, capsys
+):
+    @ray.remote
+    def flaky(config, archive, split, **kwargs):
+        if 0 in split[1]:
+            raise ValueError("planted failure")
+        return final_stage.train_fold(config, archive, split, **kwargs)
+
+    monkeypatch.setattr(final_stage, "_train_fold", flaky)
+    plans = kfold_plans(load_archive(small_archive).masks, 2, TrainConfig.from_dict(FAST).seed)
+    bad = next(k for k, (_, val) in enumerate(plans) if 0 in val) + 1
+    out = tmp_path / "run"
+    assert run_cli(final_stage.main, [*fold_args(tmp_path, small_archive), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"fold {3 - bad}/2: best epoch 1" in captured.out  # the other fold still finished
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and f"fold {bad}/2 failed: ValueError: planted failure" in err[0]
+    assert "1 finished fold(s) saved in" in err[0] and "no submission written" in err[0]
+    _config, models = load_models(out / "folds" / f"fold-{3 - bad}.pt")
+    assert len(models) == 1
+    assert not (out / "folds" / f"fold-{bad}.pt").exists()
+    assert not (out / "submission.csv").exists() and not (out / "model.pt").exists()
+
+
+def test_stored_offsets_decode_the_submission(ray_env, small_archive, tmp_path, monkeypatch):
+    real = final_stage.fit_offsets
+    forced = np.array([0.0, 0.0, 0.0, 0.0, 1000.0])  # big rock wins every pixel
+
+    def forcing(probs, masks):
+        return dataclasses.replace(real(probs, masks), offsets=forced)
+
+    monkeypatch.setattr(final_stage, "fit_offsets", forcing)
+    out = tmp_path / "run"
+    assert final_stage.main([*fold_args(tmp_path, small_archive), "--out", str(out)]) == 0
+    n_test = len(load_archive(small_archive).test_images)
+    assert (read_submission(out / "submission.csv", n_rows=n_test) == 4).all()
+    np.testing.assert_array_equal(load_ensemble(out / "model.pt").offsets, forced)
+    again = tmp_path / "again.csv"
+    argv = ["--model", str(out / "model.pt"), "--data", str(small_archive), "--out", str(again)]
+    assert predict_stage.main(argv) == 0  # search.predict decodes with the stored offsets too
+    assert again.read_bytes() == (out / "submission.csv").read_bytes()
+    report = (out / "report.md").read_text()
+    assert "## Calibration" in report and "| +1000.00 |" in report
+
+
+def test_no_calibration_stores_no_offsets(ray_env, small_archive, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*fold_args(tmp_path, small_archive), "--out", str(out), "--no-calibration"]
+    assert final_stage.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "fold 1/2: best epoch 1, val mIoU" in printed and "fold 2/2" in printed
+    assert "out-of-fold mIoU" in printed and "calibration:" not in printed
+    assert load_ensemble(out / "model.pt").offsets is None
+    report = (out / "report.md").read_text()
+    assert "## Calibration" not in report and "off (--no-calibration)" in report
+
+
+def test_rerank_runs_every_config_and_seed_as_tasks(ray_env, small_archive, tmp_path, capsys):
+    for name, lr in (("top-01-slow", 1e-5), ("top-02-fast", 3e-3)):
+        config = TrainConfig.from_dict({**FAST, "optim": {"lr": lr}})
+        config.replace(provenance={"trial": name}).save(tmp_path / f"{name}.yaml")
+    tasks.start_ray(None, 1, 0)
+    archive = load_archive(small_archive)
+    best = final_stage.rerank(tmp_path / "best_config.yaml", 2, 2, archive, cpus=1, gpus=0)
+    printed = capsys.readouterr().out
+    means = {}
+    for name in ("top-01-slow", "top-02-fast"):
+        for seed in (0, 1):
+            assert f"rerank {name}.yaml seed {seed}: val mIoU" in printed
+        line = next(x for x in printed.splitlines() if x.startswith(f"rerank {name}.yaml: "))
+        assert line.endswith("over 2 seeds") and " +- " in line
+        means[name] = float(line.split("val mIoU ")[1].split()[0])
+    assert best.provenance["trial"] == max(means, key=means.get)  # the best mean wins
+    assert f"rerank: keeping {best.provenance['trial']}" in printed
 
 
 def test_final_bad_inputs(tmp_path, capsys, tiny_archive):
