@@ -24,24 +24,39 @@ REFERENCE_IOU = {1: 0.8701, 2: 0.8064, 3: 0.8755, 4: 0.2032}
 
 
 def describe_loss(config: TrainConfig) -> str:
-    """The loss terms in play, e.g. `ce+dice0.30+boundary(ramp0.005) w=inverse_sqrt`."""
+    """The loss terms in play, e.g. `ce+dice0.30+lovasz0.50 w=inverse_sqrt<=10`."""
     loss = config.loss
     terms = [f"ce{loss.ce_weight:g}" if loss.ce_weight != 1 else "ce"]
     if loss.dice_weight:
         terms.append(f"dice{loss.dice_weight:.2f}")
+    if loss.lovasz_weight:
+        terms.append(f"lovasz{loss.lovasz_weight:.2f}")
     if loss.focal_weight:
         terms.append(f"focal{loss.focal_weight:.2f}")
     if loss.boundary_weight or loss.boundary_ramp:
         terms.append(f"boundary(ramp{loss.boundary_ramp:.3f})")
     weights = "" if loss.class_weights == "none" else f" w={loss.class_weights}"
+    if weights and loss.class_weight_cap:
+        weights += f"<={loss.class_weight_cap:g}"
     return "+".join(terms) + weights
+
+
+def describe_schedule(config: TrainConfig) -> str:
+    """The LR schedule and weight average in play, e.g. `onecycle(0.30) ema0.995`."""
+    schedule = config.scheduler
+    text = schedule.kind
+    if schedule.kind in ("onecycle", "cosine"):
+        text += f"({schedule.warmup_fraction:.2f})"
+    return text + (f" ema{config.ema_decay:.4g}" if config.ema_decay else "")
 
 
 def describe_augment(config: TrainConfig) -> str:
     """The augmentation in play, e.g. `reference i=0.30 +photo`."""
     augment = config.augment
-    return f"{augment.preset} i={augment.intensity:.2f}" + (
-        " +photo" if augment.photometric else ""
+    return (
+        f"{augment.preset} i={augment.intensity:.2f}"
+        + (" +photo" if augment.photometric else "")
+        + (" +flip" if augment.random_flip else "")
     )
 
 
@@ -138,6 +153,7 @@ def settings(config: TrainConfig) -> dict[str, str]:
         "augmentation": describe_augment(config),
         "big-rock oversampling": f"{config.oversample:g}x",
         "optimiser": f"AdamW lr {optim.lr:.2e}, weight decay {optim.weight_decay:.1e}",
+        "lr schedule": describe_schedule(config),
         "batch size": str(config.batch_size),
     }
 

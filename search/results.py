@@ -17,7 +17,7 @@ from ray.tune import ResultGrid
 
 import marsseg
 from marsseg.config import TrainConfig
-from marsseg.report import describe_augment, describe_loss
+from marsseg.report import describe_augment, describe_loss, describe_schedule
 from marsseg.train.loop import IOU_KEYS
 from spaces import params_to_config
 
@@ -89,6 +89,7 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
                 "augment": describe_augment(c),
                 "oversample": round(c.oversample, 2),
                 "lr": c.optim.lr,
+                "schedule": describe_schedule(c),
                 "batch": c.batch_size,
                 "epochs": s.epochs,
                 "best_epoch": s.best_epoch,
