@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from train_helpers import resumed_after, without_timing
 
 from marsseg.config import TrainConfig
 from marsseg.data import archive_from_arrays
@@ -16,8 +17,6 @@ from marsseg.losses import CombinedLoss
 from marsseg.predict import load_models
 from marsseg.train import EPOCH_METRICS, evaluate, fit, prepare_data
 from marsseg.train.__main__ import main as train_main
-
-TIMING_KEYS = {"epoch_time_s", "train_images_per_s", "data_wait_fraction"}
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +53,6 @@ def run(config, archive, tmp_path, **kwargs):
     return result, history
 
 
-def without_timing(history):
-    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in history]
-
-
 def test_short_run_beats_the_untrained_model_and_reports_everything(small_archive, tmp_path):
     config = small_config(max_epochs=4, augment={"preset": "reference"})
     data = prepare_data(config, small_archive, tmp_path / "cache")
@@ -91,21 +86,7 @@ def test_resume_after_epoch_two_matches_an_uninterrupted_run(small_archive, tmp_
         loss={"ce_weight": 1.0, "boundary_weight": 0.1, "boundary_ramp": 0.05},
     )
     _, uninterrupted = run(config, small_archive, tmp_path)
-
-    checkpoint = tmp_path / "ckpt.pt"
-
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_two(metrics, state):
-        state.save(checkpoint)
-        if metrics["epoch"] == 2:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        fit(config, small_archive, on_epoch=stop_after_two, cache_dir=tmp_path / "cache")
-    torch.manual_seed(12345)  # whatever the process did meanwhile must not matter
-    _, resumed = run(config, small_archive, tmp_path, checkpoint=checkpoint)
+    resumed = resumed_after(config, small_archive, tmp_path, epoch=2)
     assert [m["epoch"] for m in resumed] == [3, 4]
     assert without_timing(resumed) == without_timing(uninterrupted[2:])
 
