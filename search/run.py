@@ -278,6 +278,12 @@ def run_final(args: argparse.Namespace, experiment: str) -> None:
         final_args += ["--epochs", str(args.final_epochs)]
     if args.force:
         final_args.append("--force")
+    # The folds run as Ray tasks on the search's own Ray, with a trial's resources each.
+    final_args += ["--cpus-per-trial", f"{args.cpus_per_trial:g}"]
+    if args.gpus_per_trial is not None:
+        final_args += ["--gpus-per-trial", f"{args.gpus_per_trial:g}"]
+    if args.address:
+        final_args += ["--address", args.address]
     final.main(final_args)
 
 
