@@ -30,9 +30,10 @@ import torch
 from benchmarks.record import markdown_table, write_results
 from benchmarks.train_throughput import synthetic_archive
 from marsseg.config import TrainConfig
+from marsseg.errors import SearchError
 from marsseg.models import list_models
 from marsseg.train import PreparedData, fit, prepare_data, resolve_device
-from search.cluster import SearchError, check_packing
+from search.packing import check_packing
 
 RISE = 0.10
 """Least relative gain in aggregate throughput that makes one more step of packing worth it."""

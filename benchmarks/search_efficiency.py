@@ -26,8 +26,7 @@ from typing import Any
 from benchmarks.record import markdown_table, write_results
 from benchmarks.search_runs import device, run_search, search_storage
 from marsseg.cli import run_cli
-from marsseg.errors import ConfigError
-from search.cluster import SearchError
+from marsseg.errors import ConfigError, SearchError
 from search.timeline import trial_results
 
 STRATEGIES = {

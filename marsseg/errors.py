@@ -15,3 +15,8 @@ class DataError(MarsSegError):
 
 class ConfigError(MarsSegError):
     """A configuration field with an unknown name or an invalid value."""
+
+
+class SearchError(MarsSegError):
+    """A search stage that cannot start or go on: an unreachable cluster, unservable resources,
+    unwritable storage, a missing experiment, data that differs from the experiment's."""

@@ -30,7 +30,7 @@ from marsseg.cli import run_cli
 from marsseg.config import PRESETS, TrainConfig, preset
 from marsseg.data import MarsArchive, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError
-from marsseg.train.loop import IOU_KEYS
+from marsseg.train.keys import IOU_KEYS
 from search.tasks import SCORES, add_resource_flags, start_ray, task_threads, train_run
 
 PRESET_PREFIX = "preset:"

@@ -22,8 +22,8 @@ from ray.tune import ExperimentAnalysis, ResultGrid
 
 from marsseg.cli import run_cli
 from marsseg.config import TrainConfig
+from marsseg.errors import SearchError
 from marsseg.models import list_models
-from search.cluster import SearchError
 from search.results import (
     BASE_CONFIG,
     BEST_CONFIG,

@@ -18,7 +18,7 @@ from ray.tune import ResultGrid
 import marsseg
 from marsseg.config import TrainConfig
 from marsseg.report import describe_augment, describe_loss, describe_schedule
-from marsseg.train.loop import IOU_KEYS
+from marsseg.train.keys import IOU_KEYS
 from spaces import params_to_config
 
 BASE_CONFIG = "base_config.yaml"

@@ -31,18 +31,15 @@ from marsseg.cli import run_cli
 from marsseg.config import TrainConfig, preset
 from marsseg.data import MarsArchive, load_clean_archive
 from marsseg.data.synthetic import default_archive_path
-from marsseg.errors import ConfigError
-from search.cluster import (
+from marsseg.errors import ConfigError, SearchError
+from search.capacity import (
     AUTOSCALER_CONFIG,
-    SearchError,
     capacity,
-    check_gpu_packing,
-    check_shared_storage,
-    check_storage,
     check_trial_resources,
     concurrent_trials,
     connect,
 )
+from search.packing import check_gpu_packing
 from search.results import (
     BASE_CONFIG,
     BEST_CONFIG,
@@ -52,6 +49,7 @@ from search.results import (
     summarise,
     with_provenance,
 )
+from search.storage import check_shared_storage, check_storage
 from search.timeline import TIMELINE, read_timeline
 from search.timeline import summarise as summarise_timeline
 from search.tuner import (

@@ -21,10 +21,10 @@ from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.errors import MarsSegError
 from marsseg.train import fit, prepare_data
-from marsseg.train.loop import IOU_KEYS
-from search.cluster import AUTOSCALER_CONFIG, capacity, check_trial_resources, connect
+from marsseg.train.keys import SCORE_KEYS
+from search.capacity import AUTOSCALER_CONFIG, capacity, check_trial_resources, connect
 
-SCORES = ["val_miou", *IOU_KEYS.values()]
+SCORES = list(SCORE_KEYS)
 
 K = TypeVar("K", bound=Hashable)
 

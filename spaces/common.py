@@ -18,6 +18,8 @@ from marsseg.config import SCHEDULES, TrainConfig
 from marsseg.models import Knob, model_knobs
 
 ARCH = "arch"
+BATCH_SIZES = (16, 32, 64)
+"""The batch sizes every space samples; the GPU-packing check measures the largest."""
 OFF, ON = "off", "on"
 
 
@@ -69,7 +71,7 @@ def suggest_training(trial: optuna.Trial) -> None:
     trial.suggest_float("oversample", 1.0, 8.0)
     trial.suggest_float("optim.lr", 1e-5, 3e-3, log=True)
     trial.suggest_float("optim.weight_decay", 1e-6, 1e-1, log=True)
-    trial.suggest_categorical("batch_size", (16, 32, 64))
+    trial.suggest_categorical("batch_size", BATCH_SIZES)
     kind = trial.suggest_categorical("scheduler.kind", SCHEDULES)
     if kind in ("onecycle", "cosine"):
         trial.suggest_float("scheduler.warmup_fraction", 0.05, 0.4)

@@ -29,18 +29,16 @@ from ray.cluster_utils import Cluster
 from search_helpers import RAY_ENV, search_args
 
 from marsseg.cli import run_cli
-from search.cluster import (
+from marsseg.errors import SearchError
+from search.capacity import (
     Capacity,
-    SearchError,
-    Storage,
     capacity,
-    check_shared_storage,
-    check_storage,
     check_trial_resources,
     concurrent_trials,
     with_autoscaling,
 )
 from search.run import main as search_main
+from search.storage import Storage, check_shared_storage, check_storage
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER_CONFIGS = [p for p in (REPO / "cluster.yaml", REPO / "cluster.local.yaml") if p.exists()]

@@ -9,11 +9,11 @@ import torch
 
 from benchmarks.packing import aggregate, fits_memory, recommend
 from marsseg.config import TrainConfig
+from marsseg.errors import SearchError
 from marsseg.models import list_models
-from marsseg.train.memory import _run_steps, training_memory
-from search import cluster
-from search.cluster import (
-    SearchError,
+from marsseg.train.memory import run_steps, training_memory
+from search import packing
+from search.packing import (
     check_gpu_packing,
     check_packing,
     trials_per_gpu,
@@ -70,7 +70,7 @@ def test_measured_steps_run_the_real_training_path_on_cpu():
             "batch_size": 2,
         }
     )
-    _run_steps(config, images=3, device=torch.device("cpu"), steps=2)
+    run_steps(config, images=3, device=torch.device("cpu"), steps=2)
 
 
 def test_worst_case_is_every_architecture_at_batch_64_with_distance_maps():
@@ -93,9 +93,9 @@ def fake_ray(monkeypatch):
         def remote(self, configs, images):
             return (configs, images)
 
-    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"GPU": state["gpus"]})
-    monkeypatch.setattr(cluster.ray, "get", lambda ref, timeout=None: state["measured"])
-    monkeypatch.setattr(cluster, "_measure_heaviest", Probe())
+    monkeypatch.setattr(packing.ray, "cluster_resources", lambda: {"GPU": state["gpus"]})
+    monkeypatch.setattr(packing.ray, "get", lambda ref, timeout=None: state["measured"])
+    monkeypatch.setattr(packing, "measure_heaviest", Probe())
     return state
 
 

@@ -1,8 +1,8 @@
 """Training one configuration: one `fit` for the CLI, a Ray Tune trial and the final stage."""
 
 from marsseg.train.batches import PreparedData, prepare_data
+from marsseg.train.keys import EPOCH_METRICS
 from marsseg.train.loop import (
-    EPOCH_METRICS,
     FitResult,
     evaluate,
     fit,

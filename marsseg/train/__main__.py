@@ -26,7 +26,7 @@ from marsseg.data import load_clean_archive
 from marsseg.data.synthetic import default_archive_path
 from marsseg.predict import save_models
 from marsseg.train import EpochState, fit
-from marsseg.train.loop import IOU_KEYS
+from marsseg.train.keys import IOU_KEYS
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from marsseg.classes import CLASS_NAMES, SCORED_CLASSES
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.losses import CombinedLoss
 from marsseg.metrics import ConfusionMeter, Scores, decode
 from marsseg.precision import autocast, autocast_dtype_for
 from marsseg.sampling import oversample_indices
+from marsseg.train import keys
 from marsseg.train.batches import Batches, PreparedData, epoch_seed, prepare_data
 from marsseg.train.schedule import (
     StepHook,
@@ -49,26 +49,6 @@ from marsseg.train.schedule import (
 from marsseg.train.state import EpochState
 
 EVAL_BATCH = 256
-IOU_KEYS = {c: f"val_iou_{CLASS_NAMES[c].replace(' ', '_')}" for c in SCORED_CLASSES}
-"""Metric names of the per-class IoUs: val_iou_soil, val_iou_bedrock, val_iou_sand, ..."""
-EPOCH_METRICS = (
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_miou",
-    "val_miou_best",
-    *IOU_KEYS.values(),
-    "val_pixel_accuracy",
-    "lr",
-    "epoch_time_s",
-    "train_images_per_s",
-    "data_wait_fraction",
-    "finished",
-    "stop_reason",
-)
-"""Every key `on_epoch` receives each epoch (the val_* ones only when there is a validation set).
-`finished` is true on the last epoch of a run that ended by itself, and `stop_reason` says why
-(`max_epochs` or `early_stopping`); both are false/empty on every other epoch."""
 
 
 @dataclass
@@ -143,8 +123,8 @@ def fit(
     batches = Batches(data, config, device, workers)
 
     stop_reason = "max_epochs" if state.epoch >= config.max_epochs else ""
-    if state.history and state.history[-1].get("finished"):
-        stop_reason = state.history[-1]["stop_reason"]
+    if state.history and state.history[-1].get(keys.FINISHED):
+        stop_reason = state.history[-1][keys.STOP_REASON]
     while not stop_reason:
         epoch = state.epoch  # 0-based index of the epoch about to run
         torch.manual_seed(epoch_seed(config.seed, epoch))
@@ -152,7 +132,7 @@ def fit(
             data.has_big_rock, config.oversample, epoch_rng(config.seed, epoch)
         )
         start = time.perf_counter()
-        train_loss, images_seen, wait = _train_epoch(
+        train_loss, images_seen, wait = train_epoch(
             step_model,
             criterion,
             optimizer,
@@ -163,26 +143,28 @@ def fit(
             after_step,
         )
         train_time = time.perf_counter() - start
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
+        metrics: dict[str, Any] = {keys.EPOCH: epoch + 1, keys.TRAIN_LOSS: train_loss}
         if data.val_images is not None:
             scored = step_model if ema is None else ema.module
             val_loss, scores = evaluate(scored, criterion, data, device, autocast_dtype, epoch)
             metrics.update(_val_metrics(val_loss, scores))
-            stop_reason = _track_best(state, metrics["val_miou"], config)
+            stop_reason = _track_best(state, metrics[keys.VAL_MIOU], config)
             if not config.scheduler.per_batch:
-                scheduler.step(metrics["val_miou"])
-            metrics["val_miou_best"] = state.best_score
+                scheduler.step(metrics[keys.VAL_MIOU])
+            metrics[keys.VAL_MIOU_BEST] = state.best_score
         elapsed = time.perf_counter() - start
         state.epoch = epoch + 1
         if state.epoch >= config.max_epochs:
             stop_reason = stop_reason or "max_epochs"
         metrics.update(
-            lr=optimizer.param_groups[0]["lr"],
-            epoch_time_s=elapsed,
-            train_images_per_s=images_seen / train_time,
-            data_wait_fraction=wait / train_time,
-            finished=bool(stop_reason),
-            stop_reason=stop_reason,
+            {
+                keys.LR: optimizer.param_groups[0]["lr"],
+                keys.EPOCH_TIME_S: elapsed,
+                keys.IMAGES_PER_S: images_seen / train_time,
+                keys.DATA_WAIT: wait / train_time,
+                keys.FINISHED: bool(stop_reason),
+                keys.STOP_REASON: stop_reason,
+            }
         )
         state.history.append(metrics)
         if on_epoch is not None:
@@ -237,7 +219,7 @@ def _track_best(state: EpochState, score: float, config: TrainConfig) -> str:
     return "early_stopping" if state.bad_epochs >= config.early_stopping.patience else ""
 
 
-def _train_epoch(
+def train_epoch(
     model: nn.Module,
     criterion: CombinedLoss,
     optimizer: torch.optim.Optimizer,
@@ -323,8 +305,8 @@ def evaluate(
 
 
 def _val_metrics(val_loss: float, scores: Scores) -> dict[str, float]:
-    metrics = {"val_loss": val_loss, "val_miou": scores.mean_iou}
-    for cls, key in IOU_KEYS.items():
+    metrics = {keys.VAL_LOSS: val_loss, keys.VAL_MIOU: scores.mean_iou}
+    for cls, key in keys.IOU_KEYS.items():
         metrics[key] = 0.0 if math.isnan(scores.iou[cls]) else float(scores.iou[cls])
-    metrics["val_pixel_accuracy"] = scores.pixel_accuracy
+    metrics[keys.PIXEL_ACCURACY] = scores.pixel_accuracy
     return metrics

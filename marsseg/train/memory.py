@@ -16,7 +16,7 @@ from marsseg.config import TrainConfig
 from marsseg.losses import CombinedLoss
 from marsseg.precision import autocast_dtype_for
 from marsseg.train.batches import Batches, PreparedData
-from marsseg.train.loop import EVAL_BATCH, _train_epoch, memory_format_for, predict_logits
+from marsseg.train.loop import EVAL_BATCH, train_epoch, memory_format_for, predict_logits
 
 
 def training_memory(
@@ -37,13 +37,13 @@ def training_memory(
     torch.cuda.empty_cache()
     before = torch.cuda.memory_reserved(device)
     torch.cuda.reset_peak_memory_stats(device)
-    _run_steps(config, max(images, steps * config.batch_size), device, steps)
+    run_steps(config, max(images, steps * config.batch_size), device, steps)
     peak = torch.cuda.max_memory_reserved(device) - before
     torch.cuda.empty_cache()
     return peak
 
 
-def _run_steps(config: TrainConfig, images: int, device: torch.device, steps: int) -> None:
+def run_steps(config: TrainConfig, images: int, device: torch.device, steps: int) -> None:
     """Train `steps` steps and validate one batch; everything it allocates is freed on return."""
     data = _random_data(config, images)
     if device.type == "cuda":
@@ -56,7 +56,7 @@ def _run_steps(config: TrainConfig, images: int, device: torch.device, steps: in
     autocast_dtype = autocast_dtype_for(config, device)
     batches = Batches(data, config, device, workers=0)
     plan = np.arange(steps * config.batch_size) % images
-    _train_epoch(
+    train_epoch(
         model, criterion, optimizer, batches.epoch(plan, 0), 0, autocast_dtype, memory_format
     )
     val = data.train_images[: min(images, EVAL_BATCH)]
