@@ -16,7 +16,7 @@ from marsseg.config import TrainConfig
 from marsseg.losses import CombinedLoss
 from marsseg.precision import autocast_dtype_for
 from marsseg.train.batches import Batches, PreparedData
-from marsseg.train.loop import EVAL_BATCH, train_epoch, memory_format_for, predict_logits
+from marsseg.train.loop import EVAL_BATCH, memory_format_for, predict_logits, train_epoch
 
 
 def training_memory(
