@@ -106,7 +106,7 @@ def _check_preset(preset: str) -> None:
         raise ConfigError(f"augment.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
 
 
-def _seed_pipeline(pipeline: A.Compose, entropy: int | Sequence[int] | None) -> None:
+def seed_pipeline(pipeline: A.Compose, entropy: int | Sequence[int] | None) -> None:
     """Give all transforms of `pipeline` one shared random stream derived from `entropy`.
 
     Not `A.Compose(seed=...)`: albumentations 2.0 seeds each transform with that same value, so
@@ -153,7 +153,7 @@ def offline_augment(
     if make_copy is None:
         return images.copy(), masks.copy()
     pipeline = make_copy()
-    _seed_pipeline(pipeline, seed)
+    seed_pipeline(pipeline, seed)
     copy_images, copy_masks = _apply(pipeline, images, masks)
     return np.concatenate([images, copy_images]), np.concatenate([masks, copy_masks])
 
@@ -299,7 +299,7 @@ class OnlineAugment:
         self.seed = seed
         self._pipeline = online_pipeline(config)
         if self._pipeline is not None:
-            _seed_pipeline(self._pipeline, seed)
+            seed_pipeline(self._pipeline, seed)
         self._worker_seed: int | None = None
 
     @property
@@ -313,7 +313,7 @@ class OnlineAugment:
         if worker is not None and worker.seed != self._worker_seed:
             self._worker_seed = worker.seed
             entropy = [worker.seed] if self.seed is None else [worker.seed, self.seed]
-            _seed_pipeline(self._pipeline, entropy)
+            seed_pipeline(self._pipeline, entropy)
         result = self._pipeline(image=image, mask=mask)
         return result["image"], result["mask"]
 

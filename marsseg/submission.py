@@ -171,10 +171,10 @@ def _encoded_chunks(masks: np.ndarray) -> Iterable[bytes]:
     rows = masks.reshape(len(masks), PIXELS)
     cells = np.empty((min(len(rows), ROWS_PER_CHUNK), PIXELS), dtype="<u2")
     for start in range(0, len(rows), ROWS_PER_CHUNK):
-        yield _encode_rows(rows[start : start + ROWS_PER_CHUNK], start, cells)
+        yield encode_rows(rows[start : start + ROWS_PER_CHUNK], start, cells)
 
 
-def _encode_rows(rows: np.ndarray, first_id: int, cells: np.ndarray) -> bytes:
+def encode_rows(rows: np.ndarray, first_id: int, cells: np.ndarray) -> bytes:
     """Encode validated uint8 rows (k, 8192) as CSV lines with ids `first_id`, `first_id + 1`, ...
 
     Little-endian `label + _DIGIT_COMMA` is the byte pair `<digit>,`; viewing the uint16 buffer as

@@ -217,7 +217,7 @@ def test_transforms_do_not_draw_in_lockstep():
         [augment_module.A.HorizontalFlip(p=0.5), augment_module.A.VerticalFlip(p=0.5)],
         save_applied_params=True,
     )
-    augment_module._seed_pipeline(flips, 0)
+    augment_module.seed_pipeline(flips, 0)
     image, mask = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint8)
     applied = {
         tuple(name for name, _ in flips(image=image, mask=mask)["applied_transforms"])

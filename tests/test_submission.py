@@ -119,7 +119,7 @@ def test_label_counts_name_each_bad_value(tmp_path: Path) -> None:
 
 def fail_on_second_chunk(monkeypatch: pytest.MonkeyPatch, error: type[BaseException]) -> None:
     """Make the row-chunk encoder raise after the header and one chunk of rows were written."""
-    encode = submission._encode_rows
+    encode = submission.encode_rows
     calls = []
 
     def encode_then_fail(*args: object) -> bytes:
@@ -129,7 +129,7 @@ def fail_on_second_chunk(monkeypatch: pytest.MonkeyPatch, error: type[BaseExcept
         return encode(*args)
 
     monkeypatch.setattr(submission, "ROWS_PER_CHUNK", 2)
-    monkeypatch.setattr(submission, "_encode_rows", encode_then_fail)
+    monkeypatch.setattr(submission, "encode_rows", encode_then_fail)
 
 
 @pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
