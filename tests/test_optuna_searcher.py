@@ -8,8 +8,10 @@ study back from its SQLite file with `optuna.load_study`.
 
 from __future__ import annotations
 
+import ast
 import math
 import os
+import pickle
 import signal
 import sys
 import warnings
@@ -23,6 +25,7 @@ import ray.cloudpickle
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
 from search.optuna_searcher import PruningOptunaSearch, sqlite_url
 
@@ -95,8 +98,7 @@ def result(epoch: int, quality: float = 0.5, finished: bool = False, **extra: An
 
 def frozen(searcher: PruningOptunaSearch, trial_id: str) -> optuna.trial.FrozenTrial:
     """The Optuna trial behind a Tune trial id, as stored now."""
-    number = searcher._ot_trials[trial_id].number
-    return searcher._ot_study.get_trials(deepcopy=False)[number]
+    return searcher.optuna_trial(trial_id)
 
 
 # --- Unit tests: the searcher driven as Tune drives it, no Ray ----------------------------
@@ -183,7 +185,7 @@ def test_save_restore_round_trip_in_memory(tmp_path: Path) -> None:
 
     restored = make_searcher(points_to_evaluate=[])
     restored.restore(str(tmp_path / "searcher.pkl"))
-    assert [t.state for t in restored._ot_study.trials] == [TrialState.RUNNING, TrialState.PRUNED]
+    assert [t.state for t in restored.study.trials] == [TrialState.RUNNING, TrialState.PRUNED]
     restored.on_trial_result("a", result(1, q))  # Re-reported after a restart: ignored.
     restored.on_trial_complete("a", result(2, q, finished=True))
     trial = frozen(restored, "a")
@@ -210,7 +212,7 @@ def test_restore_reconciles_the_checkpoint_with_the_database(tmp_path: Path) -> 
     searcher.on_trial_complete("c", result(1, qc))
     assert searcher.suggest("d") == {**points[3], "max_epochs": MAX_EPOCHS}
     searcher.suggest("e")
-    before = {t.number: t for t in searcher._ot_study.get_trials()}
+    before = {t.number: t for t in searcher.study.get_trials()}
 
     # As in Tuner.restore: a searcher built like the original one, then restored.
     restored = make_searcher(url, points_to_evaluate=points)
@@ -260,6 +262,100 @@ def test_restore_continues_the_sampler_stream(tmp_path: Path) -> None:
     restored = make_searcher(url, points_to_evaluate=[])
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.suggest("b") == lost != first
+
+
+def test_saved_state_is_a_plain_dict_with_public_keys(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "exp" / "optuna.db")
+    searcher = make_searcher(url, points_to_evaluate=[])
+    searcher.suggest("a")
+    searcher.suggest("b")
+    searcher.on_trial_complete("b", result(1))
+    path = tmp_path / "searcher.pkl"
+    searcher.save(str(path))
+    state = pickle.loads(path.read_bytes())
+    assert type(state) is dict
+    assert state["trials"] == {"a": 0, "b": 1}
+    assert state["told"] == ["b"]
+    assert state["study_name"] == "marsseg"
+    assert state["storage"] is None  # The database is the study: no stale copy of it.
+    assert isinstance(state["sampler"], optuna.samplers.TPESampler)
+    assert isinstance(PruningOptunaSearch.saved_sampler(path), optuna.samplers.TPESampler)
+
+
+def test_tune_checkpoint_path_through_wrappers_and_tuner_pickle(tmp_path: Path) -> None:
+    """What Tune does, without Ray running: the searcher wrapped in a ConcurrencyLimiter saved
+    with `save_to_dir`; on resume, the searcher unpickled from tuner.pkl (pickled before any
+    trial) restored with `restore_from_dir`."""
+    url = sqlite_url(tmp_path / "exp" / "optuna.db")
+    searcher = make_searcher(url)
+    tuner_pkl = ray.cloudpickle.dumps(searcher)
+    search_alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
+    q = search_alg.searcher.suggest("a")["quality"]
+    search_alg.on_trial_result("a", result(1, q))
+    search_alg.save_to_dir(str(tmp_path), session_str="s")
+    search_alg.on_trial_result("a", result(2, q))  # Reported after the checkpoint.
+
+    resumed = SearchGenerator(ConcurrencyLimiter(ray.cloudpickle.loads(tuner_pkl), 2))
+    resumed.restore_from_dir(str(tmp_path))
+    base = resumed.searcher.searcher
+    assert base.optuna_trial("a").intermediate_values == {1: miou(q, 1), 2: miou(q, 2)}
+    for epoch in (1, 2, 3):
+        resumed.on_trial_result("a", result(epoch, q))
+    resumed.on_trial_complete("a", result(MAX_EPOCHS, q, finished=True))
+    trial = base.optuna_trial("a")
+    assert trial.state == TrialState.COMPLETE
+    assert trial.intermediate_values == {e: miou(q, e) for e in range(1, MAX_EPOCHS + 1)}
+    # The points were enqueued once, by the first searcher.
+    assert len(base.study.trials) == len(POINTS)
+
+
+def test_set_search_properties_follows_rays_contract() -> None:
+    searcher = make_searcher(points_to_evaluate=[])
+    assert searcher.set_search_properties("val_miou", "max", {})
+    assert not searcher.set_search_properties("loss", None, {})  # Conflicting metric.
+    assert not searcher.set_search_properties(None, "min", {})  # Conflicting mode.
+    # A config to sample from, when the space is the searcher's own: Tune must raise for it.
+    assert not searcher.set_search_properties(None, None, {"lr": tune.uniform(0, 1)})
+    assert searcher.set_search_properties(None, None, {"constant": 1})
+
+    bare = PruningOptunaSearch(space)  # As if Tune's TuneConfig gave metric and mode.
+    assert bare.set_search_properties("val_miou", "max", {})
+    assert (bare.metric, bare.mode) == ("val_miou", "max")
+    assert bare.study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert set(bare.suggest("t")) == {"quality", "patience", "max_epochs"}
+
+    from_config = PruningOptunaSearch(metric="val_miou", mode="max")
+    distributions = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    assert from_config.set_search_properties(None, None, distributions)
+    assert set(from_config.suggest("t")) == {"x"}
+
+
+def test_uses_only_public_interfaces_of_ray_and_optuna() -> None:
+    """No OptunaSearch underneath, and no private name of another object or module (only the
+    searcher's own ``self._...``; dunders are Python's protocol): a minor Ray or Optuna release
+    must not be able to silently break the searcher."""
+    assert not any(cls.__name__ == "OptunaSearch" for cls in PruningOptunaSearch.__mro__)
+    assert PruningOptunaSearch.__mro__[1] is ray.tune.search.Searcher
+    module = sys.modules[PruningOptunaSearch.__module__]
+    tree = ast.parse(Path(module.__file__).read_text())
+    # The private attributes Ray's Searcher sets on an instance are Ray's, even through self.
+    rays = {name for name in vars(ray.tune.search.Searcher("m", "max")) if name.startswith("_")}
+    assert rays  # E.g. _metric and _mode: else this test checks nothing of them.
+    private = []
+    for node in ast.walk(tree):
+        is_dunder = node.attr.startswith("__") if isinstance(node, ast.Attribute) else False
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not is_dunder:
+            on_self = isinstance(node.value, ast.Name) and node.value.id == "self"
+            if not on_self or node.attr in rays:
+                private.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            names = [*(node.module or "").split("."), *(alias.name for alias in node.names)]
+            private += [f"line {node.lineno}: import {n}" for n in names if n.startswith("_")]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                private += [f"line {node.lineno}: import {n}" for n in parts if n.startswith("_")]
+    assert not private
 
 
 # --- Ray: ASHA over a real Tune loop ------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from marsseg.config import TrainConfig, preset
 from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
 from marsseg.train import fit
+from search.optuna_searcher import PruningOptunaSearch
 from search.run import main as search_main
 from search.timeline import TIMELINE, read_timeline, summarise
 from search.trainable import CHECKPOINT_FILE
@@ -114,7 +114,7 @@ def test_random_sampler_fifo_no_reference_and_sparse_checkpoints(
     assert not any("fixed_params" in t.system_attrs for t in trials)  # nothing enqueued
     assert trials[0].params != get_space(SPACE).points_to_evaluate[0]
     [searcher_state] = experiment.glob("searcher-state-*.pkl")
-    sampler = pickle.loads(searcher_state.read_bytes())["_sampler"]
+    sampler = PruningOptunaSearch.saved_sampler(searcher_state)
     assert isinstance(sampler, optuna.samplers.RandomSampler)
     for trial_dir in experiment.glob("train_trial_*"):
         saved = [
