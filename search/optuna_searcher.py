@@ -107,6 +107,8 @@ class PruningOptunaSearch(Searcher):
     The trainable must report, in every result, `metric` and the epoch under ``"epoch"`` (else
     ``training_iteration`` is used as the step), and put ``"finished": True`` in the result of
     the epoch after which it stops by itself (max epochs reached or its own early stopping).
+    Pass `metric` and `mode` here, not only to ``TuneConfig``: Tune offers those to
+    `set_search_properties` only when the Tuner has a ``param_space``.
 
     Public accessors: `study` (the Optuna study), `optuna_trial(trial_id)` (the stored Optuna
     trial behind a Tune trial), `objective_key`, `metric`, `mode`, and `saved_sampler(path)` to
@@ -231,6 +233,8 @@ class PruningOptunaSearch(Searcher):
         space of a searcher built without one; Tune domains are not converted.
         """
         if isinstance(metric, list | tuple) or isinstance(mode, list | tuple):
+            return False
+        if mode and mode not in ("min", "max"):
             return False
         if (metric and self._search_metric and metric != self._search_metric) or (
             mode and self._search_mode and mode != self._search_mode
