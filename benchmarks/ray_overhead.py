@@ -25,7 +25,7 @@ from benchmarks.record import markdown_table, write_results
 from benchmarks.search_runs import device, run_search, search_storage
 from marsseg.cli import run_cli
 from marsseg.errors import ConfigError
-from search.timeline import summarise
+from search.timeline import summarise_timeline
 
 SETTINGS = {
     "default": [],
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with search_storage(args.storage) as storage:
         for setting in args.settings:
             timeline = run_search([*search_flags, *SETTINGS[setting]], storage, setting)
-            rows.append({"setting": setting, **summarise(timeline).row()})
+            rows.append({"setting": setting, **summarise_timeline(timeline).row()})
     print("\n" + markdown_table(rows, COLUMNS))
     write_results("ray_overhead", rows, device=device(), search_flags=search_flags)
     return 0

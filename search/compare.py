@@ -110,7 +110,7 @@ def run_all(
     return pd.DataFrame(rows)
 
 
-def summarise(runs: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
+def seed_statistics(runs: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
     """Mean and standard deviation (over seeds) of every score, one row per candidate."""
     grouped = runs.groupby("candidate", sort=False)[[*SCORES, "train_s"]]
     table = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).add_suffix("_std"))
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = run_all(candidates, args.seeds, archive, split, args.epochs, args.cpus_per_trial, gpus)
     wall = time.perf_counter() - start
 
-    summary = summarise(runs, names)
+    summary = seed_statistics(runs, names)
     command = "python -m search.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
     facts = {
         "candidates": "; ".join(f"{c.name} = {c.source}" for c in candidates),

@@ -21,7 +21,7 @@ from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.errors import MarsSegError
 from marsseg.train import fit, prepare_data
-from marsseg.train.keys import SCORE_KEYS
+from marsseg.train.keys import EPOCH, EPOCH_TIME_S, SCORE_KEYS
 from search.capacity import AUTOSCALER_CONFIG, capacity, check_trial_resources, connect
 
 SCORES = list(SCORE_KEYS)
@@ -68,12 +68,12 @@ def train_run(
     start = time.perf_counter()
     data = prepare_data(config, archive, split=split)
     result = fit(config, data, num_threads=threads, workers=workers)
-    best = next(row for row in result.history if row["epoch"] == result.best_epoch)
+    best = next(row for row in result.history if row[EPOCH] == result.best_epoch)
     return {
         **{key: best[key] for key in SCORES},
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
-        "train_s": sum(row["epoch_time_s"] for row in result.history),
+        "train_s": sum(row[EPOCH_TIME_S] for row in result.history),
         "wall_s": time.perf_counter() - start,
     }
 

@@ -8,7 +8,7 @@ runs on the driver and stamps every event with the driver's clock; each result c
 epoch's training + validation time (`epoch_time_s`, measured in the trial), so what lies
 between two results beyond that epoch is overhead. At the end of the experiment (also after
 an interruption) it writes `timeline.csv` into the driver folder; `read_timeline` and
-`summarise` turn it into the figures `search.run` prints and the benchmarks tabulate.
+`summarise_timeline` turn it into the figures `search.run` prints and the benchmarks tabulate.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ import csv
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from marsseg.train.keys import EPOCH, EPOCH_TIME_S
+from search.experiment import TIMELINE
 from search.results import OBJECTIVE
 
-TIMELINE = "timeline.csv"
 COLUMNS = (
     "session",
     "event",
@@ -79,8 +80,8 @@ class Timeline(Callback):
         self._add(
             "result",
             trial.trial_id,
-            epoch=result.get("epoch"),
-            epoch_time_s=result.get("epoch_time_s"),
+            epoch=result.get(EPOCH),
+            epoch_time_s=result.get(EPOCH_TIME_S),
             setup_s=result.get("setup_s"),
             report_prep_s=result.get("report_prep_s"),
             score=result.get(self.metric),
@@ -129,7 +130,8 @@ def _number(value: str) -> float | None:
 
 @dataclass(frozen=True)
 class TimelineSummary:
-    """What `summarise` reads from a timeline. Times in seconds; shares of the allotted time."""
+    """What `summarise_timeline` reads from a timeline. Times in seconds; shares of the
+    allotted time."""
 
     trials: int
     epochs: int
@@ -202,7 +204,7 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def summarise(rows: list[dict[str, Any]]) -> TimelineSummary:
+def summarise_timeline(rows: list[dict[str, Any]]) -> TimelineSummary:
     """Start latency, per-epoch report overhead and idle share of a timeline's rows.
 
     A trial's results are paired with the start that precedes them (a trial retried or resumed
@@ -212,48 +214,66 @@ def summarise(rows: list[dict[str, Any]]) -> TimelineSummary:
     sessions: dict[float, list[dict[str, Any]]] = {}
     for row in rows:
         sessions.setdefault(row["session"], []).append(row)
-    wall = allotted = train = 0.0
-    slots = 0
-    starts, setups, gaps, preps = [], [], [], []
-    trials, epochs = set(), 0
+    tally = _Tally()
     for events in sessions.values():
+        tally.add_session(events)
+    return TimelineSummary(
+        trials=len(tally.trials),
+        epochs=tally.epochs,
+        slots=tally.slots,
+        wall_s=tally.wall,
+        allotted_s=tally.allotted,
+        train_s=tally.train,
+        start_latency_s=tally.starts,
+        setup_s=tally.setups,
+        report_overhead_s=tally.gaps,
+        report_prep_s=tally.preps,
+    )
+
+
+@dataclass
+class _Tally:
+    """What `summarise_timeline` adds up over the sessions of a timeline."""
+
+    wall: float = 0.0
+    allotted: float = 0.0
+    train: float = 0.0
+    slots: int = 0
+    epochs: int = 0
+    trials: set[str] = field(default_factory=set)
+    starts: list[float] = field(default_factory=list)
+    setups: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    preps: list[float] = field(default_factory=list)
+
+    def add_session(self, events: list[dict[str, Any]]) -> None:
         begin = next((r for r in events if r["event"] == "begin"), events[0])
         session_wall = events[-1]["t_s"] - begin["t_s"]
-        slots = int(begin.get("slots") or slots or 1)
-        wall += session_wall
-        allotted += slots * session_wall
+        self.slots = int(begin.get("slots") or self.slots or 1)
+        self.wall += session_wall
+        self.allotted += self.slots * session_wall
         last: dict[str, tuple[str, float]] = {}  # trial -> (previous event, its time)
         for row in events:
             trial = row["trial"]
             if row["event"] == "start":
                 last[trial] = ("start", row["t_s"])
             elif row["event"] == "result" and row["epoch_time_s"] is not None:
-                trials.add(trial)
-                epochs += 1
-                train += row["epoch_time_s"]
-                kind, since = last.get(trial, ("", math.nan))
-                lag = row["t_s"] - since - row["epoch_time_s"]
-                if kind == "start":
-                    starts.append(lag)
-                    if row.get("setup_s") is not None:
-                        setups.append(row["setup_s"])
-                elif kind == "result":
-                    gaps.append(lag)
-                    if row.get("report_prep_s") is not None:
-                        preps.append(row["report_prep_s"])
+                self.add_result(row, *last.get(trial, ("", math.nan)))
                 last[trial] = ("result", row["t_s"])
-    return TimelineSummary(
-        trials=len(trials),
-        epochs=epochs,
-        slots=slots,
-        wall_s=wall,
-        allotted_s=allotted,
-        train_s=train,
-        start_latency_s=starts,
-        setup_s=setups,
-        report_overhead_s=gaps,
-        report_prep_s=preps,
-    )
+
+    def add_result(self, row: dict[str, Any], previous: str, since: float) -> None:
+        self.trials.add(row["trial"])
+        self.epochs += 1
+        self.train += row["epoch_time_s"]
+        lag = row["t_s"] - since - row["epoch_time_s"]
+        if previous == "start":
+            self.starts.append(lag)
+            if row.get("setup_s") is not None:
+                self.setups.append(row["setup_s"])
+        elif previous == "result":
+            self.gaps.append(lag)
+            if row.get("report_prep_s") is not None:
+                self.preps.append(row["report_prep_s"])
 
 
 def trial_results(rows: list[dict[str, Any]]) -> list[tuple[float, str, float]]:

@@ -29,6 +29,7 @@ from marsseg.data.figures import prediction_panel
 from marsseg.precision import autocast_dtype_for
 from marsseg.predict import predict_masks
 from marsseg.train import EpochState, PreparedData, fit, prepare_data
+from marsseg.train.keys import EPOCH, EPOCH_TIME_S, FINISHED
 from spaces import params_to_config
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -56,37 +57,11 @@ def train_trial(
     config = params_to_config(params, TrainConfig.from_dict(base))
     context = tune.get_context()
     cpus = int(context.get_trial_resources().required_resources.get("CPU", 1))
+    data = prepare_data(config, archive)
     # Tune runs the trial in its own working folder, which `SyncConfig(sync_artifacts=True)`
     # uploads to the experiment's storage: files written here reach it from any node.
-    trial_dir = Path.cwd()
-    data = prepare_data(config, archive)
-    panel = _PanelWriter(trial_dir, data, config)
-    # Where this run of the trial lives: the node id tells apart nodes that share a host (and a
-    # trial retried after its node died reports a different one from then on).
-    node = {
-        "node_ip": ray.util.get_node_ip_address(),
-        "hostname": socket.gethostname(),
-        "node_id": ray.get_runtime_context().get_node_id(),
-    }
-
-    first_epoch = True  # of this run of the trial (a retried or resumed trial runs again)
-
-    def on_epoch(metrics: dict[str, Any], state: EpochState) -> None:
-        nonlocal first_epoch
-        reached = time.perf_counter()
-        times = {}
-        if first_epoch:
-            times["setup_s"] = reached - entered - metrics["epoch_time_s"]
-            first_epoch = False
-        panel.maybe_write(metrics, state)
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if metrics["finished"] or metrics["epoch"] % checkpoint_every == 0:
-                state.save(Path(folder) / CHECKPOINT_FILE)
-                checkpoint = tune.Checkpoint.from_directory(folder)
-            times["report_prep_s"] = time.perf_counter() - reached
-            tune.report({**metrics, **node, **times}, checkpoint=checkpoint)
-
+    panel = _PanelWriter(Path.cwd(), data, config)
+    reporter = _Reporter(panel, checkpoint_every, entered)
     with tempfile.TemporaryDirectory() as folder:
         resume = None
         checkpoint = tune.get_checkpoint()
@@ -96,13 +71,45 @@ def train_trial(
             fit(
                 config,
                 data,
-                on_epoch=on_epoch,
+                on_epoch=reporter,
                 checkpoint=resume,
                 num_threads=cpus,
                 workers=workers,
             )
         finally:
             panel.close()
+
+
+class _Reporter:
+    """`fit`'s `on_epoch` in a trial: the panel, the checkpoint, then `tune.report`."""
+
+    def __init__(self, panel: _PanelWriter, checkpoint_every: int, entered: float) -> None:
+        self.panel = panel
+        self.checkpoint_every = checkpoint_every
+        self.entered = entered
+        self.first_epoch = True  # of this run of the trial (a retried or resumed trial reruns)
+        # Where this run of the trial lives: the node id tells apart nodes that share a host
+        # (and a trial retried after its node died reports a different one from then on).
+        self.node = {
+            "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    def __call__(self, metrics: dict[str, Any], state: EpochState) -> None:
+        reached = time.perf_counter()
+        times = {}
+        if self.first_epoch:
+            times["setup_s"] = reached - self.entered - metrics[EPOCH_TIME_S]
+            self.first_epoch = False
+        self.panel.maybe_write(metrics, state)
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if metrics[FINISHED] or metrics[EPOCH] % self.checkpoint_every == 0:
+                state.save(Path(folder) / CHECKPOINT_FILE)
+                checkpoint = tune.Checkpoint.from_directory(folder)
+            times["report_prep_s"] = time.perf_counter() - reached
+            tune.report({**metrics, **self.node, **times}, checkpoint=checkpoint)
 
 
 class _PanelWriter:
@@ -121,10 +128,8 @@ class _PanelWriter:
             self.images, self.masks = data.val_images[chosen], data.val_masks[chosen]
 
     def maybe_write(self, metrics: dict[str, Any], state: EpochState) -> None:
-        epoch = metrics["epoch"]
-        if self.images is None or not (
-            epoch == 1 or epoch % PANEL_EVERY == 0 or metrics["finished"]
-        ):
+        epoch = metrics[EPOCH]
+        if self.images is None or not (epoch == 1 or epoch % PANEL_EVERY == 0 or metrics[FINISHED]):
             return
         if self.writer is None:
             self.writer = SummaryWriter(str(self.trial_dir))

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from search.timeline import TIMELINE, Timeline, read_timeline, summarise, trial_results
+from search.experiment import TIMELINE
+from search.timeline import Timeline, read_timeline, summarise_timeline, trial_results
 
 
 def _row(session, event, t, trial="", **values):
@@ -28,7 +29,7 @@ def test_summary_of_two_slots():
         _row(0, "stop", 8.6, "a"),
         _row(0, "end", 10.0),
     ]
-    s = summarise(rows)
+    s = summarise_timeline(rows)
     assert (s.trials, s.epochs, s.slots, s.wall_s, s.allotted_s) == (2, 3, 2, 10.0, 20.0)
     assert s.train_s == pytest.approx(9.5)
     assert s.start_latency_s == pytest.approx([1.0, 0.5])
@@ -56,7 +57,7 @@ def test_a_restarted_trial_counts_a_new_start_not_a_gap():
         _result(1, "a", 104.0, 2, 2.0),
         _row(1, "end", 105.0),
     ]
-    s = summarise(rows)
+    s = summarise_timeline(rows)
     assert (s.wall_s, s.allotted_s, s.epochs) == (8.0, 8.0, 2)
     assert s.start_latency_s == pytest.approx([0.5, 1.0]) and s.report_overhead_s == []
 
@@ -91,4 +92,4 @@ def test_callback_records_events_and_keeps_them_across_a_resume(tmp_path):
     ]
     assert [r["t_s"] for r in rows] == sorted(r["t_s"] for r in rows)
     assert rows[2]["score"] == 0.25 and rows[2]["report_prep_s"] is None
-    assert summarise(rows).epochs == 2
+    assert summarise_timeline(rows).epochs == 2
