@@ -13,9 +13,9 @@ from typing import Any
 import ray
 import torch
 
+from search.experiment import TIMELINE, Experiment
 from search.run import main as search_main
-from search.timeline import TIMELINE, read_timeline
-from search.tuner import driver_folder
+from search.timeline import read_timeline
 
 
 def device() -> torch.device | None:
@@ -45,4 +45,4 @@ def run_search(flags: Sequence[str], storage: Path, label: str) -> list[dict[str
     """Run one search with `flags` under a fresh name in `storage`; return its timeline rows."""
     name = f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     search_main([*flags, "--storage", str(storage), "--name", name])
-    return read_timeline(driver_folder(str(storage / name)) / TIMELINE)
+    return read_timeline(Experiment.at(str(storage / name)).driver / TIMELINE)

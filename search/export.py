@@ -21,21 +21,11 @@ from pathlib import Path
 from ray.tune import ExperimentAnalysis, ResultGrid
 
 from marsseg.cli import run_cli
-from marsseg.config import TrainConfig
 from marsseg.errors import SearchError
 from marsseg.models import list_models
-from search.results import (
-    BASE_CONFIG,
-    BEST_CONFIG,
-    LEADERBOARD,
-    TrialSummary,
-    leaderboard,
-    summarise,
-    with_provenance,
-)
-from search.timeline import TIMELINE, read_timeline
-from search.timeline import summarise as summarise_timeline
-from search.tuner import driver_folder
+from search.experiment import BEST_CONFIG, LEADERBOARD, TIMELINE, Experiment
+from search.results import TrialSummary, leaderboard, rank_trials, with_provenance
+from search.timeline import read_timeline, summarise_timeline
 
 SUMMARY_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "epochs", "best_epoch", "val_miou"]
 
@@ -57,23 +47,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_experiment(experiment: str) -> tuple[list[TrialSummary], TrainConfig]:
-    """The trials of an experiment, best first, and its base config; one line if it is missing."""
-    folder = driver_folder(experiment)
-    if not (folder / BASE_CONFIG).is_file():
-        raise SearchError(f"no search experiment at {experiment} (missing {BASE_CONFIG})")
-    base = TrainConfig.load(folder / BASE_CONFIG)
-    # Ray reads a path without a scheme as a URI and refuses a relative one: anchor it here.
-    uri = experiment if "://" in experiment else str(Path(experiment).resolve())
+def trials(experiment: Experiment) -> list[TrialSummary]:
+    """The trials of an experiment that reported a score, best first."""
     try:
-        results = ResultGrid(ExperimentAnalysis(uri))
+        results = ResultGrid(ExperimentAnalysis(experiment.uri))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        raise SearchError(f"cannot read the experiment at {experiment}: {err}") from None
-    return summarise(results, base), base
+        raise SearchError(f"cannot read the experiment at {experiment.uri}: {err}") from None
+    return rank_trials(results, experiment.base)
 
 
 def export(
-    experiment: str, top_k: int = 5, arch: str = "marsseg", out: Path | None = None
+    experiment: Experiment, top_k: int = 5, arch: str = "marsseg", out: Path | None = None
 ) -> list[Path]:
     """Write the top-k configs of `arch` (or of any architecture) and return their paths."""
     if arch != "any" and arch not in list_models():
@@ -82,20 +66,19 @@ def export(
         )
     if top_k < 1:
         raise SearchError(f"--top-k must be >= 1, got {top_k}")
-    summaries, base = load_experiment(experiment)
+    summaries = trials(experiment)
     chosen = [s for s in summaries if arch == "any" or s.config.model.name == arch][:top_k]
     if not chosen:
-        raise SearchError(f"no trial of architecture {arch!r} reported a score in {experiment}")
-    out = out or Path("results") / Path(experiment.rstrip("/")).name
-    checksum = base.provenance.get("data_checksum", "")
+        raise SearchError(f"no trial of architecture {arch!r} reported a score in {experiment.uri}")
+    out = out or experiment.results
     paths = []
     for rank, summary in enumerate(chosen, start=1):
-        config = with_provenance(summary, experiment, checksum)
+        config = with_provenance(summary, experiment)
         paths.append(config.save(out / f"top-{rank:02d}-{summary.trial_id}.yaml"))
         if rank == 1:
             config.save(out / BEST_CONFIG)
     leaderboard(summaries).to_csv(out / LEADERBOARD, index=False)
-    timeline = driver_folder(experiment) / TIMELINE
+    timeline = experiment.driver / TIMELINE
     if timeline.is_file():
         shutil.copyfile(timeline, out / TIMELINE)
         print(summarise_timeline(read_timeline(timeline)).line())
@@ -106,7 +89,7 @@ def export(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    export(args.experiment, args.top_k, args.arch, args.out)
+    export(Experiment.at(args.experiment), args.top_k, args.arch, args.out)
     return 0
 
 

@@ -103,6 +103,10 @@ class PruningOptunaSearch(Searcher):
         storage: An Optuna storage URL (``sqlite_url(experiment_dir / "optuna.db")``, opened as
             an ``RDBStorage``) or storage object; None keeps the study in memory (and then
             entirely in Tune's searcher checkpoint).
+        on_save: Called after every `save` (picklable: it travels in ``tuner.pkl``). Tune saves
+            the searcher with each experiment checkpoint, so a copy of the study made here
+            (uploaded beside the experiment, say) is never older than the checkpoint that a
+            resume reconciles it with.
 
     The trainable must report, in every result, `metric` and the epoch under ``"epoch"`` (else
     ``training_iteration`` is used as the step), and put ``"finished": True`` in the result of
@@ -132,6 +136,7 @@ class PruningOptunaSearch(Searcher):
         seed: int | None = None,
         study_name: str | None = None,
         storage: str | BaseStorage | None = None,
+        on_save: Callable[[], None] | None = None,
     ) -> None:
         if isinstance(metric, list | tuple) or isinstance(mode, list | tuple):
             raise ValueError(
@@ -154,6 +159,7 @@ class PruningOptunaSearch(Searcher):
             logger.warning("PruningOptunaSearch: `seed` is ignored when a `sampler` is given.")
         self._sampler = sampler if sampler is not None else optuna.samplers.TPESampler(seed=seed)
         self._study_name = study_name
+        self._on_save = on_save
         if storage is None:
             storage = InMemoryStorage()
         elif isinstance(storage, str):
@@ -433,6 +439,8 @@ class PruningOptunaSearch(Searcher):
         """Pickle `get_state()` (a plain dict) to `checkpoint_path`."""
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.get_state(), f)
+        if self._on_save is not None:
+            self._on_save()
 
     def restore(self, checkpoint_path: str) -> None:
         """Load a checkpoint written by `save` and reconcile it with the storage (`set_state`)."""

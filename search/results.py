@@ -18,14 +18,12 @@ from ray.tune import ResultGrid
 import marsseg
 from marsseg.config import TrainConfig
 from marsseg.report import describe_augment, describe_loss, describe_schedule
-from marsseg.train.keys import IOU_KEYS
+from marsseg.train.keys import EPOCH, FINISHED, IOU_KEYS, VAL_MIOU
+from search.experiment import Experiment
 from spaces import params_to_config
 
-BASE_CONFIG = "base_config.yaml"
-"""The experiment's base training config (what the space does not sample), saved at start."""
-LEADERBOARD = "leaderboard.csv"
-BEST_CONFIG = "best_config.yaml"
-OBJECTIVE = "val_miou"
+OBJECTIVE = VAL_MIOU
+"""What the search maximises, ASHA compares and the leaderboard ranks by."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class TrialSummary:
     after its node died (hosts alone cannot tell apart several nodes on one machine)."""
 
 
-def summarise(results: ResultGrid, base: TrainConfig) -> list[TrialSummary]:
+def rank_trials(results: ResultGrid, base: TrainConfig) -> list[TrialSummary]:
     """One summary per trial that reported at least one epoch, best val mIoU first."""
     summaries = []
     for result in results:
@@ -57,14 +55,14 @@ def summarise(results: ResultGrid, base: TrainConfig) -> list[TrialSummary]:
             continue
         best = history.loc[history[OBJECTIVE].idxmax()]
         last = result.metrics or {}
-        status = "error" if result.error else "complete" if last.get("finished") else "stopped"
+        status = "error" if result.error else "complete" if last.get(FINISHED) else "stopped"
         summaries.append(
             TrialSummary(
                 trial_id=str(last.get("trial_id", Path(result.path).name)),
                 config=params_to_config(result.config, base),
                 status=status,
-                epochs=int(history["epoch"].max()),
-                best_epoch=int(best["epoch"]),
+                epochs=int(history[EPOCH].max()),
+                best_epoch=int(best[EPOCH]),
                 scores={key: float(best[key]) for key in (OBJECTIVE, *IOU_KEYS.values())},
                 time_s=float(last.get("time_total_s", 0.0)),
                 node=str(last.get("hostname", "")),
@@ -114,18 +112,20 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def with_provenance(summary: TrialSummary, experiment: str, data_checksum: str) -> TrainConfig:
-    """The trial's config, stamped with where it came from."""
+def with_provenance(summary: TrialSummary, experiment: Experiment) -> TrainConfig:
+    """The trial's config, stamped with where it came from (the data's checksum and, when the
+    search saw only the first N images, N: what `search.final` checks its archive against)."""
+    data = {k: v for k, v in experiment.base.provenance.items() if k.startswith("data_")}
     return summary.config.replace(
         provenance={
-            "experiment": experiment,
+            "experiment": experiment.uri,
             "trial": summary.trial_id,
             "val_miou": round(summary.scores[OBJECTIVE], 6),
             "best_epoch": summary.best_epoch,
             "epochs": summary.epochs,
             "status": summary.status,
             "seed": summary.config.seed,
-            "data_checksum": data_checksum,
+            **data,
             "code_version": code_version(),
             "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

@@ -10,12 +10,14 @@ experiment folder: `leaderboard.csv`, `best_config.yaml` (a training config with
 `optuna.db` (the study, for optuna-dashboard), `timeline.csv` (when each trial started and each
 epoch's result arrived; see `search.timeline`) and the trials' TensorBoard files
 (`tensorboard --logdir <experiment>`).
-Re-running with the same `--name` (or `--resume`) continues an interrupted experiment.
+Re-running with the same `--name` (or `--resume`) continues an interrupted experiment with its
+saved settings, base config and data.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -39,233 +41,279 @@ from search.capacity import (
     concurrent_trials,
     connect,
 )
-from search.packing import check_gpu_packing
-from search.results import (
-    BASE_CONFIG,
+from search.experiment import (
     BEST_CONFIG,
     LEADERBOARD,
-    OBJECTIVE,
-    leaderboard,
-    summarise,
-    with_provenance,
-)
-from search.storage import check_shared_storage, check_storage
-from search.timeline import TIMELINE, read_timeline
-from search.timeline import summarise as summarise_timeline
-from search.tuner import (
     SAMPLERS,
     SCHEDULERS,
     STUDY_FILE,
-    driver_folder,
-    make_tuner,
-    restore_tuner,
+    TIMELINE,
+    Experiment,
+    SearchSettings,
 )
+from search.packing import check_gpu_packing
+from search.results import OBJECTIVE, leaderboard, rank_trials, with_provenance
+from search.storage import Storage, check_shared_storage, check_storage
+from search.timeline import read_timeline, summarise_timeline
+from search.tuner import TrialResources, new_tuner, restore_tuner
 from spaces import SPACE_NAMES, get_space
 
 SYNTHETIC_IMAGES = 256
 """Images the no-flag run trains on (of the synthetic default's 2505), so it takes minutes."""
 SHOWN_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "oversample", "epochs", OBJECTIVE]
+RUN_DEFAULTS: dict[str, Any] = {
+    "config": None,
+    "train_config": None,
+    "cpus_per_trial": 1.0,
+    "gpus_per_trial": None,
+    "address": None,
+    "storage": "experiments",
+    "name": None,
+    "resume": False,
+    "checkpoint_every": 1,
+    "final": False,
+    "final_arch": "marsseg",
+    "final_folds": None,
+    "final_epochs": None,
+    "force": False,
+}
+"""Defaults of the flags that are this run's choice; the search's own are `SearchSettings`'."""
+DEFAULTS = {**dataclasses.asdict(SearchSettings()), **RUN_DEFAULTS}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags; a flag not given is absent from the namespace (see `parse_args`)."""
     parser = argparse.ArgumentParser(
         prog="python -m search.run",
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
-    add = parser.add_argument
-    add("--config", type=Path, help="YAML file with any of these flags as keys (flags win)")
-    add("--space", default="default", help=f"search space: {', '.join(SPACE_NAMES)}")
-    add("--data", type=Path, help="archive .npz (default: the synthetic one)")
-    add(
-        "--limit-images",
-        type=int,
-        help=f"train on the first N cleaned images (default: all; {SYNTHETIC_IMAGES} "
-        "on the synthetic default)",
-    )
-    add("--train-config", type=Path, help="base training config for what the space leaves fixed")
-    add("--num-samples", type=int, default=8, help="trials to run")
-    add("--max-epochs", type=int, default=4, help="epochs of a trial that is never stopped")
-    add("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
-    add("--reduction-factor", type=float, default=2, help="ASHA: keep 1/N at each rung")
-    add("--gpus-per-trial", type=float, help="GPUs per trial; 0.25 packs 4 (default: 1 if any)")
-    add("--cpus-per-trial", type=float, default=1, help="CPUs per trial (torch threads)")
-    add("--max-concurrent", type=int, help="trials at once (default: what the cluster holds)")
-    add("--address", help="Ray address: 'auto' joins a cluster from `ray up` (default: local)")
-    add(
-        "--storage",
-        default="experiments",
-        help="experiments folder; on a cluster s3://bucket/prefix, or file:///path for a folder "
-        "every node mounts",
-    )
-    add("--name", help="experiment name (default: <space>-<time>); reuse it to resume")
-    add("--resume", action="store_true", help="continue the experiment --name (must exist)")
-    add("--seed", type=int, default=0, help="seed of the sampler and of every trial's training")
-    add("--time-budget", type=float, help="stop the whole search after this many seconds")
-    add("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler of the trials")
-    add("--scheduler", default="asha", choices=SCHEDULERS, help="fifo: no early stopping")
-    add(
-        "--no-reference-trial",
-        action="store_true",
-        help="do not run the space's starting point (the reference recipe) first",
-    )
-    add(
-        "--checkpoint-every",
-        type=int,
-        default=1,
-        help="checkpoint every N epochs and the last; a retried trial redoes up to N-1 epochs",
-    )
-    add(
-        "--no-reuse-actors",
-        action="store_true",
-        help="start a fresh Ray actor for every trial instead of reusing a finished one's",
-    )
-    add("--final", action="store_true", help="then export the best config and run search.final")
-    add("--final-arch", default="marsseg", help="architecture --final retrains, or 'any'")
-    add("--final-folds", type=int, help="--final trains a k-fold ensemble (see search.final)")
-    add("--final-epochs", type=int, help="--final's epochs (default: derived from the search)")
-    add("--force", action="store_true", help="let --final overwrite an existing submission")
+    _data_flags(parser)
+    _search_flags(parser)
+    _resource_flags(parser)
+    _final_flags(parser)
     return parser
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Flags, with defaults taken from `--config FILE` where it sets them."""
+def _flag(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: Any) -> None:
+    """Add `flag`, naming its default (from `DEFAULTS`) in the help when it has one."""
+    default = DEFAULTS[flag.lstrip("-").replace("-", "_")]
+    shown = "" if default in (None, False) else f" (default: {default})"
+    parser.add_argument(flag, help=help + shown, **kwargs)
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "--config", "YAML file with any of these flags as keys (flags win)")
+    _flag(parser, "--data", "archive .npz (default: the synthetic one)")
+    _flag(
+        parser,
+        "--limit-images",
+        f"train on the first N cleaned images (default: all; {SYNTHETIC_IMAGES} on the "
+        "synthetic default)",
+        type=int,
+    )
+    _flag(parser, "--train-config", "base training config for what the space leaves fixed")
+
+
+def _search_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "--space", f"search space: {', '.join(SPACE_NAMES)}")
+    _flag(parser, "--num-samples", "trials to run", type=int)
+    _flag(parser, "--max-epochs", "epochs of a trial that is never stopped", type=int)
+    _flag(parser, "--grace-period", "ASHA: epochs before a trial can be stopped", type=int)
+    _flag(parser, "--reduction-factor", "ASHA: keep 1/N at each rung", type=float)
+    _flag(parser, "--max-concurrent", "trials at once (default: what the cluster holds)", type=int)
+    _flag(parser, "--seed", "seed of the sampler and of every trial's training", type=int)
+    _flag(parser, "--time-budget", "stop the whole search after this many seconds", type=float)
+    _flag(parser, "--sampler", "Optuna sampler of the trials", choices=SAMPLERS)
+    _flag(parser, "--scheduler", "fifo: no early stopping", choices=SCHEDULERS)
+    _flag(
+        parser,
+        "--no-reference-trial",
+        "do not run the space's starting point (the reference recipe) first",
+        action="store_true",
+    )
+    _flag(
+        parser,
+        "--no-reuse-actors",
+        "start a fresh Ray actor for every trial instead of reusing a finished one's",
+        action="store_true",
+    )
+    _flag(parser, "--name", "experiment name (default: <space>-<time>); reuse it to resume")
+    _flag(parser, "--resume", "continue the experiment --name (must exist)", action="store_true")
+
+
+def _resource_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(
+        parser, "--gpus-per-trial", "GPUs per trial; 0.25 packs 4 (default: 1 if any)", type=float
+    )
+    _flag(parser, "--cpus-per-trial", "CPUs per trial (torch threads)", type=float)
+    _flag(parser, "--address", "Ray address: 'auto' joins a cluster from `ray up` (default: local)")
+    _flag(
+        parser,
+        "--storage",
+        "experiments folder; on a cluster s3://bucket/prefix, or file:///path for a folder "
+        "every node mounts",
+    )
+    _flag(
+        parser,
+        "--checkpoint-every",
+        "checkpoint every N epochs and the last; a retried trial redoes up to N-1 epochs",
+        type=int,
+    )
+
+
+def _final_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(
+        parser, "--final", "then export the best config and run search.final", action="store_true"
+    )
+    _flag(parser, "--final-arch", "architecture --final retrains, or 'any'")
+    _flag(parser, "--final-folds", "--final trains a k-fold ensemble (see search.final)", type=int)
+    _flag(parser, "--final-epochs", "--final's epochs (default: derived from the search)", type=int)
+    _flag(parser, "--force", "let --final overwrite an existing submission", action="store_true")
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Every flag's value, and those the user set (on the command line or in `--config`)."""
     parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    if first.config is not None:
-        parser.set_defaults(**_config_file_defaults(parser, first.config))
-    return parser.parse_args(argv)
+    given = vars(parser.parse_args(argv))
+    if given.get("config") is not None:
+        given = {**_config_file_values(parser, given["config"]), **given}
+    return argparse.Namespace(**{**DEFAULTS, **given}), given
 
 
-def _config_file_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """The flags a `--config` YAML file sets, parsed as if given on the command line."""
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError:
+        raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of flag names to values")
-    known = {a.dest for a in parser._actions} - {"help", "config"}
-    defaults = {}
+    argv = []
     for key, value in values.items():
         dest = str(key).replace("-", "_")
-        if dest not in known:
-            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-        action = next(a for a in parser._actions if a.dest == dest)
-        defaults[dest] = action.type(value) if action.type and value is not None else value
-    return defaults
+        if dest not in DEFAULTS or dest == "config":
+            known = ", ".join(sorted(set(DEFAULTS) - {"config"}))
+            raise ConfigError(f"{path}: unknown key {key!r} (known: {known})")
+        flag = f"--{dest.replace('_', '-')}"
+        if isinstance(DEFAULTS[dest], bool):
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    try:
+        return vars(parser.parse_args(argv))
+    except SystemExit:
+        raise ConfigError(f"{path}: a value does not fit its flag (see above)") from None
 
 
-def load_data(args: argparse.Namespace) -> tuple[MarsArchive, str]:
-    """The cleaned archive the trials train on, and where it came from."""
-    source = str(args.data) if args.data else f"synthetic ({default_archive_path()})"
-    archive, report = load_clean_archive(args.data)
+def settings_from(args: argparse.Namespace) -> SearchSettings:
+    """The search's settings from the flags (one line for a bad value)."""
+    values = {name: getattr(args, name) for name in SearchSettings.__dataclass_fields__}
+    if values["data"] is not None:
+        values["data"] = str(Path(values["data"]).expanduser().resolve())
+    return SearchSettings(**values)
+
+
+def load_data(data: str | None, limit: int | None) -> tuple[MarsArchive, dict[str, Any]]:
+    """The cleaned archive the trials train on, and its provenance: where it came from, the
+    checksum of the whole cleaned archive (what a resume or a final training is checked
+    against) and, when the trials see only the first N images, N."""
+    source = str(data) if data else f"synthetic ({default_archive_path()})"
+    archive, report = load_clean_archive(data)
     print(f"data: {source}: {report.summary()}")
-    limit = args.limit_images or (None if args.data else SYNTHETIC_IMAGES)
+    provenance: dict[str, Any] = {"data": source, "data_checksum": archive.checksum()}
+    limit = limit or (None if data else SYNTHETIC_IMAGES)
     if limit is not None and limit < len(archive):
         archive = archive.subset(np.arange(limit))
+        provenance["data_images"] = limit
         print(f"data: training on the first {limit} cleaned images")
-    return archive, source
+    return archive, provenance
 
 
-def base_config(args: argparse.Namespace) -> TrainConfig:
-    """What the space does not sample: the base config, with the flags' epochs and seed."""
+def base_config(args: argparse.Namespace, settings: SearchSettings) -> TrainConfig:
+    """What the space does not sample: the base config, with the search's epochs and seed."""
     base = TrainConfig.load(args.train_config) if args.train_config else preset("reference")
-    return base.replace(max_epochs=args.max_epochs, seed=args.seed)
+    return base.replace(max_epochs=settings.max_epochs, seed=settings.seed)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for flag in ("num_samples", "max_epochs", "grace_period", "checkpoint_every"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.reduction_factor <= 1:
-        raise ConfigError("--reduction-factor must be > 1")
-    if args.cpus_per_trial <= 0 or (args.gpus_per_trial or 0) < 0:
-        raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+def resume_if_asked(
+    args: argparse.Namespace, given: dict[str, Any], storage: Storage
+) -> Experiment | None:
+    """The experiment `--name` continues, if it exists; its saved settings win over the flags,
+    and the flags they override are named."""
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name of the experiment to continue")
-    for flag, known in (("sampler", SAMPLERS), ("scheduler", SCHEDULERS)):
-        if getattr(args, flag) not in known:  # a --config file bypasses argparse's choices
-            raise ConfigError(f"--{flag} must be one of {', '.join(known)}")
+    uri = storage.experiment(args.name) if args.name else None
+    if uri is None or not tune.Tuner.can_restore(uri):
+        if args.resume:
+            raise SearchError(f"--resume: no experiment to continue at {uri}")
+        return None
+    experiment = Experiment.resume(storage, args.name)
+    print(f"resuming experiment {experiment.uri} with its saved settings and base config")
+    ignored = experiment.settings.differences(given)
+    if "train_config" in given:
+        ignored.append(f"--train-config {given['train_config']} (kept: its base config)")
+    if ignored:
+        print(f"resume: ignoring {', '.join(ignored)}")
+    return experiment
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    check_args(args)
-    space = get_space(args.space)
-    archive, source = load_data(args)
-    base = base_config(args)
-    storage = check_storage(args.storage)
-    name = args.name or f"{args.space}-{time.strftime('%Y%m%d-%H%M%S')}"
-    experiment = f"{storage.path.rstrip('/')}/{name}"
-
+def plan_resources(
+    args: argparse.Namespace, settings: SearchSettings, base: TrainConfig, images: int
+) -> tuple[TrialResources, int]:
+    """Each trial's resources on the cluster joined, and how many trials run at once; refuses
+    what cannot run (a trial bigger than any node, a packing that does not fit)."""
+    requested = TrialResources(args.cpus_per_trial, args.gpus_per_trial or 0, args.checkpoint_every)
     connect(args.address)
     # Only a cluster joined by address can have an autoscaler; a fresh local Ray never grows.
     cap = capacity(AUTOSCALER_CONFIG if args.address else None)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cap.gpus else 0.0)
-    check_trial_resources(cap, args.cpus_per_trial, gpus)
-    check_shared_storage(storage, cap)
+    resources = dataclasses.replace(requested, gpus=gpus)
+    check_trial_resources(cap, resources.cpus, gpus)
+    check_shared_storage(check_storage(args.storage), cap)
     # Trials sharing a GPU: measure the heaviest on one and refuse a packing that cannot fit.
-    check_gpu_packing(base, len(archive), gpus)
-    concurrent = args.max_concurrent or concurrent_trials(cap, args.cpus_per_trial, gpus)
+    check_gpu_packing(base, images, gpus)
+    concurrent = settings.max_concurrent or concurrent_trials(cap, resources.cpus, gpus)
     print(
-        f"ray: {cap.describe()}; trials use "
-        f"{args.cpus_per_trial:g} CPU + {gpus:g} GPU, {concurrent} at a time"
+        f"ray: {cap.describe()}; trials use {resources.cpus:g} CPU + {gpus:g} GPU, "
+        f"{concurrent} at a time"
     )
+    return resources, concurrent
 
-    folder = driver_folder(experiment)
-    restoring = tune.Tuner.can_restore(experiment)
-    if args.resume and not restoring:
-        raise SearchError(f"--resume: no experiment to continue at {experiment}")
-    if restoring:
-        print(f"resuming experiment {experiment}")
-        base = TrainConfig.load(folder / BASE_CONFIG)  # the experiment's, whatever the flags say
-        tuner = restore_tuner(
-            experiment, archive, base, args.cpus_per_trial, gpus, args.checkpoint_every
-        )
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, given = parse_args(argv)
+    storage = check_storage(args.storage)
+    resumed = resume_if_asked(args, given, storage)
+    settings = resumed.settings if resumed else settings_from(args)
+    space = get_space(settings.space)
+    archive, provenance = load_data(args.data or settings.data, settings.limit_images)
+    if resumed:
+        resumed.check_data(provenance["data_checksum"], provenance["data"])
+    base = resumed.base if resumed else base_config(args, settings)
+    resources, concurrent = plan_resources(args, settings, base, len(archive))
+    if resumed:
+        experiment, tuner = resumed, restore_tuner(resumed, archive, resources)
     else:
-        base = base.replace(
-            provenance={"data": source, "data_checksum": archive.checksum(), "space": args.space}
-        )
-        base.save(folder / BASE_CONFIG)
-        tuner = make_tuner(
-            space=space,
-            archive=archive,
-            base=base,
-            name=name,
-            storage=storage.path,
-            experiment=experiment,
-            num_samples=args.num_samples,
-            max_epochs=args.max_epochs,
-            grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor,
-            cpus_per_trial=args.cpus_per_trial,
-            gpus_per_trial=gpus,
-            max_concurrent=concurrent,
-            seed=args.seed,
-            time_budget=args.time_budget,
-            sampler=args.sampler,
-            scheduler=args.scheduler,
-            reference_trial=not args.no_reference_trial,
-            checkpoint_every=args.checkpoint_every,
-            reuse_actors=not args.no_reuse_actors,
-        )
-    results = tuner.fit()
-    report(results, experiment, base)
-    timeline = folder / TIMELINE
-    if timeline.is_file():
-        print(summarise_timeline(read_timeline(timeline)).line())
+        name = args.name or f"{settings.space}-{time.strftime('%Y%m%d-%H%M%S')}"
+        settings = dataclasses.replace(settings, max_concurrent=concurrent)
+        base = base.replace(provenance={**provenance, "space": settings.space})
+        experiment = Experiment.new(storage, name, base, settings)
+        tuner = new_tuner(experiment, space, archive, resources)
+    report(tuner.fit(), experiment)
     if args.final:
         run_final(args, experiment)
     return 0
 
 
-def run_final(args: argparse.Namespace, experiment: str) -> None:
+def run_final(args: argparse.Namespace, experiment: Experiment) -> None:
     """search -> export -> final in one go: the best config of `--final-arch`, retrained."""
     from search import export, final
 
-    out = Path("results") / Path(experiment.rstrip("/")).name
+    out = experiment.results
     export.export(experiment, top_k=5, arch=args.final_arch, out=out)
     final_args = ["--config", str(out / BEST_CONFIG), "--out", str(out / "final")]
     if args.data:
@@ -285,22 +333,27 @@ def run_final(args: argparse.Namespace, experiment: str) -> None:
     final.main(final_args)
 
 
-def report(results: ResultGrid, experiment: str, base: TrainConfig) -> None:
-    """Print the leaderboard; write leaderboard.csv and best_config.yaml beside the study."""
-    summaries = summarise(results, base)
-    if not summaries:
-        print(f"no trial reported a result; see the trial logs under {experiment}")
-        return
-    table = leaderboard(summaries)
-    shown = SHOWN_COLUMNS + [c for c in table if c.startswith("val_iou")]
-    print("\n" + table[shown].to_string(index=False))
-    folder = driver_folder(experiment)
-    table.to_csv(folder / LEADERBOARD, index=False)
-    checksum = base.provenance.get("data_checksum", "")  # hashed once, when the search began
-    with_provenance(summaries[0], experiment, checksum).save(folder / BEST_CONFIG)
-    print(f"\nwrote {folder / LEADERBOARD} and {folder / BEST_CONFIG} ({summaries[0].trial_id})")
-    print(f"watch it: tensorboard --logdir {experiment}")
-    print(f"          optuna-dashboard sqlite:///{folder / STUDY_FILE}")
+def report(results: ResultGrid, experiment: Experiment) -> None:
+    """Print the leaderboard and the timeline's summary; write leaderboard.csv and
+    best_config.yaml beside the study, and upload the driver's files."""
+    folder = experiment.driver
+    summaries = rank_trials(results, experiment.base)
+    if summaries:
+        table = leaderboard(summaries)
+        shown = SHOWN_COLUMNS + [c for c in table if c.startswith("val_iou")]
+        print("\n" + table[shown].to_string(index=False))
+        table.to_csv(folder / LEADERBOARD, index=False)
+        with_provenance(summaries[0], experiment).save(folder / BEST_CONFIG)
+        print(
+            f"\nwrote {folder / LEADERBOARD} and {folder / BEST_CONFIG} ({summaries[0].trial_id})"
+        )
+        print(f"watch it: tensorboard --logdir {experiment.uri}")
+        print(f"          optuna-dashboard sqlite:///{folder / STUDY_FILE}")
+    else:
+        print(f"no trial reported a result; see the trial logs under {experiment.uri}")
+    if (folder / TIMELINE).is_file():
+        print(summarise_timeline(read_timeline(folder / TIMELINE)).line())
+    experiment.sync()
 
 
 if __name__ == "__main__":

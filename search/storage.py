@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
+import tempfile
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from marsseg.errors import SearchError
@@ -30,13 +34,18 @@ class Storage:
     shared: bool
     """A remote URI, or a path declared mounted on every node with `file://`."""
 
+    def experiment(self, name: str) -> str:
+        """Where Tune keeps the experiment `name`: its path or URI."""
+        return f"{self.path.rstrip('/')}/{name}"
+
 
 def check_storage(storage: str) -> Storage:
     """Make sure the experiment storage exists and is writable; say whether all nodes reach it.
 
     `file:///abs/path` is a local path that the user declares mounted on every node; it reaches
-    Tune as the plain path (Ray treats both alike), so the study and the leaderboard sit in the
-    experiment folder beside the trials, as they do for a local path.
+    Tune as the plain path (Ray treats both alike). As with S3, the driver's own files (the
+    study, the leaderboard) are written on the driver and uploaded beside the trials (see
+    `search.experiment`).
     """
     if urlparse(storage).scheme == SHARED_PATH_SCHEME:
         return Storage(_writable_dir(_shared_path(storage)), shared=True)
@@ -106,3 +115,59 @@ def check_shared_storage(storage: Storage, cap: Capacity) -> None:
         "if the path is on a filesystem every node mounts (NFS, EFS), say so with "
         f"--storage file://{storage.path}"
     )
+
+
+def upload_files(folder: Path, names: Iterable[str], target: str) -> None:
+    """Copy the files `names` that exist in `folder` to the folder or URI `target`.
+
+    SQLite files (`.db`) are copied through SQLite's online backup, so the copy is a consistent
+    snapshot even while the study is being written.
+    """
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(target)
+    fs.create_dir(root, recursive=True)
+    with tempfile.TemporaryDirectory(prefix="marsseg-sync-") as staging:
+        for name in names:
+            source = folder / name
+            if not source.is_file():
+                continue
+            if source.suffix == ".db":
+                source = _sqlite_snapshot(source, Path(staging) / name)
+            pyarrow.fs.copy_files(
+                str(source),
+                f"{root.rstrip('/')}/{name}",
+                source_filesystem=pyarrow.fs.LocalFileSystem(),
+                destination_filesystem=fs,
+            )
+
+
+def download_files(target: str, names: Iterable[str], folder: Path) -> list[str]:
+    """Copy the files `names` that exist at the folder or URI `target` into `folder`; return
+    the names copied."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    fetched = []
+    for name in names:
+        remote = f"{root.rstrip('/')}/{name}"
+        if fs.get_file_info(remote).type != pyarrow.fs.FileType.File:
+            continue
+        pyarrow.fs.copy_files(
+            remote,
+            str((folder / name).resolve()),
+            source_filesystem=fs,
+            destination_filesystem=pyarrow.fs.LocalFileSystem(),
+        )
+        fetched.append(name)
+    return fetched
+
+
+def _sqlite_snapshot(source: Path, copy: Path) -> Path:
+    with (
+        contextlib.closing(sqlite3.connect(source)) as db,
+        contextlib.closing(sqlite3.connect(copy)) as out,
+    ):
+        db.backup(out)
+    return copy

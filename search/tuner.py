@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import optuna
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.errors import ConfigError
-from search.optuna_searcher import PruningOptunaSearch, sqlite_url
+from marsseg.train.keys import EPOCH, VAL_MIOU_BEST
+from search.asha import ASHA_STATE, ResumableASHA
+from search.experiment import SAMPLERS, SCHEDULERS, Experiment
+from search.optuna_searcher import PruningOptunaSearch
 from search.results import OBJECTIVE
 from search.timeline import Timeline
 from search.trainable import train_trial
@@ -19,92 +21,61 @@ from spaces import SearchSpace
 
 MAX_FAILURES = 3
 """Retries of a crashed trial (from its last checkpoint) before it counts as failed."""
-STUDY_FILE = "optuna.db"
-SAMPLERS = ("tpe", "random")
-"""Optuna samplers a search can use; random is the baseline the search-efficiency benchmark
-compares TPE against, on the same define-by-run space."""
-SCHEDULERS = ("asha", "fifo")
-"""Trial schedulers: ASHA stops poor trials early, fifo runs every trial to its end."""
 
 
-def driver_folder(experiment: str) -> Path:
-    """Where the driver keeps the study and reports: the experiment folder itself when it is
-    local, else a folder of the same name under ./experiments (SQLite cannot live on S3)."""
-    if "://" not in experiment:
-        return Path(experiment)
-    return Path("experiments").resolve() / experiment.rstrip("/").rsplit("/", 1)[-1]
+@dataclass(frozen=True)
+class TrialResources:
+    """What each trial of this run gets: this run's choice, also when it resumes a search."""
+
+    cpus: float = 1
+    gpus: float = 0
+    checkpoint_every: int = 1
+    """A checkpoint every N epochs and the last; a retried trial redoes up to N-1 epochs."""
+
+    def __post_init__(self) -> None:
+        if self.cpus <= 0 or self.gpus < 0:
+            raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+        if self.checkpoint_every < 1:
+            raise ConfigError("--checkpoint-every must be >= 1")
 
 
 def _trainable(
-    archive: MarsArchive,
-    base: TrainConfig,
-    cpus_per_trial: float,
-    gpus_per_trial: float,
-    checkpoint_every: int,
+    experiment: Experiment, archive: MarsArchive, resources: TrialResources
 ) -> tune.Trainable:
     """The trainable with the data in the object store (put there once, not per trial)."""
-    workers = max(0, int(cpus_per_trial) - 1)  # CPUs beyond the first feed online augmentation
+    workers = max(0, int(resources.cpus) - 1)  # CPUs beyond the first feed online augmentation
     with_data = tune.with_parameters(
         train_trial,
         archive=archive,
-        base=base.to_dict(),
+        base=experiment.base.to_dict(),
         workers=workers,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=resources.checkpoint_every,
     )
-    return tune.with_resources(with_data, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    return tune.with_resources(with_data, {"cpu": resources.cpus, "gpu": resources.gpus})
 
 
-def make_tuner(
-    *,
-    space: SearchSpace,
-    archive: MarsArchive,
-    base: TrainConfig,
-    name: str,
-    storage: str,
-    experiment: str,
-    num_samples: int,
-    max_epochs: int,
-    grace_period: int,
-    reduction_factor: float,
-    cpus_per_trial: float,
-    gpus_per_trial: float,
-    max_concurrent: int,
-    seed: int,
-    time_budget: float | None,
-    sampler: str = "tpe",
-    scheduler: str = "asha",
-    reference_trial: bool = True,
-    checkpoint_every: int = 1,
-    reuse_actors: bool = True,
+def new_tuner(
+    experiment: Experiment, space: SearchSpace, archive: MarsArchive, resources: TrialResources
 ) -> tune.Tuner:
-    """A new search. `reference_trial=False` leaves out the space's starting points;
-    `reuse_actors` lets a finished trial's actor (its process, imports and CUDA context) run the
-    next trial instead of a new one being started (see `benchmarks/ray_overhead.py`)."""
-    points = space.points_to_evaluate if reference_trial else []
-    searcher = PruningOptunaSearch(
-        space=space.space,
-        metric=OBJECTIVE,
-        mode="max",
-        objective_key="val_miou_best",
-        points_to_evaluate=points or None,
-        sampler=_sampler(sampler, seed),
-        study_name=name,
-        storage=sqlite_url(driver_folder(experiment) / STUDY_FILE),
-    )
+    """A new search of `experiment` (its settings say how) over `space`.
+
+    A finished trial's actor (its process, imports and CUDA context) runs the next trial unless
+    `no_reuse_actors` (see `benchmarks/ray_overhead.py`)."""
+    settings = experiment.settings
     return tune.Tuner(
-        _trainable(archive, base, cpus_per_trial, gpus_per_trial, checkpoint_every),
+        _trainable(experiment, archive, resources),
         tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=_scheduler(scheduler, max_epochs, grace_period, reduction_factor),
-            num_samples=num_samples,
-            max_concurrent_trials=max_concurrent,
-            time_budget_s=time_budget,
-            reuse_actors=reuse_actors,
+            search_alg=_searcher(experiment, space),
+            scheduler=_scheduler(experiment),
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent,
+            time_budget_s=settings.time_budget,
+            reuse_actors=not settings.no_reuse_actors,
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage,
+            name=experiment.name,
+            storage_path=experiment.storage.path,
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2,
@@ -114,9 +85,40 @@ def make_tuner(
             # The trials' own files (TensorBoard image panels) live in their working folders on
             # whichever node ran them; this uploads them beside the checkpoints.
             sync_config=tune.SyncConfig(sync_artifacts=True),
-            callbacks=[Timeline(driver_folder(experiment), slots=max_concurrent)],
+            callbacks=[Timeline(experiment.driver, slots=settings.max_concurrent or 1)],
             verbose=1,
         ),
+    )
+
+
+def restore_tuner(
+    experiment: Experiment, archive: MarsArchive, resources: TrialResources
+) -> tune.Tuner:
+    """Continue an interrupted experiment: finished trials stay, unfinished ones resume.
+
+    The searcher, scheduler and timeline come back from the experiment (ASHA's rungs from its
+    state file); the trainable is built anew, so the resources are this run's choice."""
+    return tune.Tuner.restore(
+        experiment.uri,
+        trainable=_trainable(experiment, archive, resources),
+        resume_errored=True,
+    )
+
+
+def _searcher(experiment: Experiment, space: SearchSpace) -> PruningOptunaSearch:
+    settings = experiment.settings
+    points = [] if settings.no_reference_trial else space.points_to_evaluate
+    experiment.driver.mkdir(parents=True, exist_ok=True)  # SQLite creates no folder
+    return PruningOptunaSearch(
+        space=space.space,
+        metric=OBJECTIVE,
+        mode="max",
+        objective_key=VAL_MIOU_BEST,
+        points_to_evaluate=points or None,
+        sampler=_sampler(settings.sampler, settings.seed),
+        study_name=experiment.name,
+        storage=experiment.study_url,
+        on_save=experiment.syncer(),
     )
 
 
@@ -128,42 +130,23 @@ def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise ConfigError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
 
 
-def _scheduler(
-    name: str, max_epochs: int, grace_period: int, reduction_factor: float
-) -> TrialScheduler:
-    if name == "fifo":
+def _scheduler(experiment: Experiment) -> TrialScheduler:
+    settings = experiment.settings
+    if settings.scheduler == "fifo":
         return FIFOScheduler()
-    if name == "asha":
-        return ASHAScheduler(
-            time_attr="epoch",
+    if settings.scheduler == "asha":
+        return ResumableASHA(
+            time_attr=EPOCH,
             metric=OBJECTIVE,
             mode="max",
-            max_t=max_epochs,
-            grace_period=min(grace_period, max_epochs),
-            reduction_factor=reduction_factor,
+            max_t=settings.max_epochs,
+            grace_period=min(settings.grace_period, settings.max_epochs),
+            reduction_factor=settings.reduction_factor,
+            state_path=experiment.driver / ASHA_STATE,
         )
-    raise ConfigError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+    raise ConfigError(f"unknown scheduler {settings.scheduler!r}; known: {', '.join(SCHEDULERS)}")
 
 
 def _trial_dirname(trial: tune.experiment.Trial) -> str:
     """Short trial folder names (Tune's default packs every parameter into the name)."""
     return f"{trial.trainable_name}_{trial.trial_id}"
-
-
-def restore_tuner(
-    experiment: str,
-    archive: MarsArchive,
-    base: TrainConfig,
-    cpus_per_trial: float,
-    gpus_per_trial: float,
-    checkpoint_every: int = 1,
-) -> tune.Tuner:
-    """Continue an interrupted experiment: finished trials stay, unfinished ones resume.
-
-    The searcher, scheduler and timeline come back from the experiment; the trainable is
-    built anew, so `checkpoint_every` is this run's choice."""
-    return tune.Tuner.restore(
-        experiment,
-        trainable=_trainable(archive, base, cpus_per_trial, gpus_per_trial, checkpoint_every),
-        resume_errored=True,
-    )

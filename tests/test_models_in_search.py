@@ -21,8 +21,8 @@ from marsseg.data import save_archive
 from marsseg.data.synthetic import generate
 from marsseg.models import Knob, list_models, model_knobs
 from marsseg.models.hmsa import SCALE_SETS
+from search.experiment import STUDY_FILE
 from search.run import main as search_main
-from search.tuner import STUDY_FILE
 from spaces.common import ARCH, params_to_config, suggest_knob
 from spaces.default import space as default_space
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,11 +24,11 @@ from marsseg.config import TrainConfig, preset
 from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
 from marsseg.train import fit
+from search.experiment import STUDY_FILE, TIMELINE
 from search.optuna_searcher import PruningOptunaSearch
 from search.run import main as search_main
-from search.timeline import TIMELINE, read_timeline, summarise
+from search.timeline import read_timeline, summarise_timeline
 from search.trainable import CHECKPOINT_FILE
-from search.tuner import STUDY_FILE
 from spaces import get_space
 
 
@@ -92,7 +93,7 @@ def test_timeline_records_every_trial_and_epoch(finished_search):
     assert len(results) == board["epochs"].sum()
     assert all(r["epoch_time_s"] > 0 and r["report_prep_s"] >= 0 for r in results)
     assert sum(r["setup_s"] is not None for r in results) == 8  # first epoch of each trial
-    summary = summarise(rows)
+    summary = summarise_timeline(rows)
     assert (summary.trials, summary.slots) == (8, 2) and 0 < summary.idle_share < 1
     assert len(summary.start_latency_s) == 8 and min(summary.start_latency_s) > 0
 
@@ -139,11 +140,21 @@ def _epochs_per_trial(experiment: Path) -> dict[str, list[int]]:
     return runs
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(tiny_archive, tmp_path):
+def test_interrupted_search_resumes_from_an_empty_driver_folder(tiny_archive, tmp_path):
+    """Shared (file://) storage: the driver's files are uploaded beside the trials, so a search
+    interrupted on one head resumes on another whose driver folder starts empty."""
     env = {**os.environ, **RAY_ENV}
-    command = [sys.executable, "-m", "search.run", *search_args(tiny_archive, tmp_path, "r", 6)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    experiment = tmp_path / "r"
+    storage = f"file://{tmp_path / 'shared'}"
+    flags = search_args(tiny_archive, tmp_path, "r", 6)
+    flags[flags.index("--storage") + 1] = storage
+    command = [sys.executable, "-m", "search.run", *flags]
+    first, second = tmp_path / "head-a", tmp_path / "head-b"
+    first.mkdir()
+    second.mkdir()
+    process = subprocess.Popen(
+        command, env=env, cwd=first, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    experiment = tmp_path / "shared" / "r"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         done = [e for e in _epochs_per_trial(experiment).values() if e and e[-1] == 3]
@@ -155,17 +166,27 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tiny_archi
     process.wait(timeout=120)
     before = _epochs_per_trial(experiment)
     assert 0 < len(before) < 6 or any(e[-1] < 3 for e in before.values())
+    assert (first / "experiments" / "r" / STUDY_FILE).is_file()
+    shutil.rmtree(first)  # the first head is gone
 
-    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, timeout=600)
+    resumed = subprocess.run(
+        [*command, "--resume"], env=env, cwd=second, capture_output=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     after = _epochs_per_trial(experiment)
-    board = pd.read_csv(experiment / "leaderboard.csv")
+    board = pd.read_csv(second / "experiments" / "r" / "leaderboard.csv")
     assert len(board) == 6 and set(board["status"]) <= {"complete", "stopped"}
     for trial, epochs in after.items():
         # Epochs only ever continue: no trial restarted from epoch 1 after the interruption.
         assert epochs == sorted(epochs) and len(epochs) == len(set(epochs)), (trial, epochs)
         if before.get(trial) and before[trial][-1] == 3:
             assert epochs == before[trial], f"finished trial {trial} ran again"
+    # The study went on from the uploaded copy (one Optuna trial per Tune trial, none lost),
+    # and the copy in storage is up to date with it.
+    for study_file in (second / "experiments" / "r" / STUDY_FILE, experiment / STUDY_FILE):
+        study = optuna.load_study(study_name="r", storage=f"sqlite:///{study_file}")
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        assert len([t for t in finished if t.state != optuna.trial.TrialState.FAIL]) == 6
 
 
 def _closed_port() -> int:
