@@ -41,29 +41,24 @@ def curve(curve_id: int, epoch: int) -> float:
     return round(start + rate * (1 - 1 / epoch) + 0.01 * ((curve_id + epoch) % 3), 6)
 
 
+def _settings(mode: str, max_t: float, grace: float, rf: float) -> dict:
+    """What the stock and the resumable scheduler are both given."""
+    return {
+        "time_attr": "epoch",
+        "metric": "val_miou",
+        "mode": mode,
+        "max_t": max_t,
+        "grace_period": grace,
+        "reduction_factor": rf,
+    }
+
+
 def ray_asha(mode: str, max_t: float, grace: float, rf: float) -> ASHAScheduler:
-    return ASHAScheduler(
-        time_attr="epoch",
-        metric="val_miou",
-        mode=mode,
-        max_t=max_t,
-        grace_period=grace,
-        reduction_factor=rf,
-        brackets=1,
-        stop_last_trials=True,
-    )
+    return ASHAScheduler(**_settings(mode, max_t, grace, rf), brackets=1, stop_last_trials=True)
 
 
 def resumable(mode: str, max_t: float, grace: float, rf: float, state_path=None) -> ResumableASHA:
-    return ResumableASHA(
-        time_attr="epoch",
-        metric="val_miou",
-        mode=mode,
-        max_t=max_t,
-        grace_period=grace,
-        reduction_factor=rf,
-        state_path=state_path,
-    )
+    return ResumableASHA(**_settings(mode, max_t, grace, rf), state_path=state_path)
 
 
 def run_stream(
