@@ -81,12 +81,13 @@ RUN_DEFAULTS: dict[str, Any] = {
 DEFAULTS = {**dataclasses.asdict(SearchSettings()), **RUN_DEFAULTS}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     """The flags; a flag not given is absent from the namespace (see `parse_args`)."""
     parser = argparse.ArgumentParser(
         prog="python -m search.run",
         description=__doc__.splitlines()[0],
         argument_default=argparse.SUPPRESS,
+        exit_on_error=exit_on_error,
     )
     _data_flags(parser)
     _search_flags(parser)
@@ -124,8 +125,8 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--max-concurrent", "trials at once (default: what the cluster holds)", type=int)
     _flag(parser, "--seed", "seed of the sampler and of every trial's training", type=int)
     _flag(parser, "--time-budget", "stop the whole search after this many seconds", type=float)
-    _flag(parser, "--sampler", "Optuna sampler of the trials", choices=SAMPLERS)
-    _flag(parser, "--scheduler", "fifo: no early stopping", choices=SCHEDULERS)
+    _flag(parser, "--sampler", f"Optuna sampler of the trials: {', '.join(SAMPLERS)}")
+    _flag(parser, "--scheduler", f"{', '.join(SCHEDULERS)} (fifo: no early stopping)")
     _flag(
         parser,
         "--no-reference-trial",
@@ -174,14 +175,13 @@ def _final_flags(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
     """Every flag's value, and those the user set (on the command line or in `--config`)."""
-    parser = build_parser()
-    given = vars(parser.parse_args(argv))
+    given = vars(build_parser().parse_args(argv))
     if given.get("config") is not None:
-        given = {**_config_file_values(parser, given["config"]), **given}
+        given = {**_config_file_values(given["config"]), **given}
     return argparse.Namespace(**{**DEFAULTS, **given}), given
 
 
-def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+def _config_file_values(path: str) -> dict[str, Any]:
     """The flags a `--config` YAML file sets, parsed as if given on the command line."""
     try:
         with open(path) as f:
@@ -204,9 +204,9 @@ def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict[str,
         elif value is not None:
             argv += [flag, str(value)]
     try:
-        return vars(parser.parse_args(argv))
-    except SystemExit:
-        raise ConfigError(f"{path}: a value does not fit its flag (see above)") from None
+        return vars(build_parser(exit_on_error=False).parse_args(argv))
+    except argparse.ArgumentError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def settings_from(args: argparse.Namespace) -> SearchSettings:
@@ -286,9 +286,10 @@ def plan_resources(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, given = parse_args(argv)
+    settings = settings_from(args)  # checks the flags, also where a resume then ignores them
     storage = check_storage(args.storage)
     resumed = resume_if_asked(args, given, storage)
-    settings = resumed.settings if resumed else settings_from(args)
+    settings = resumed.settings if resumed else settings
     space = get_space(settings.space)
     archive, provenance = load_data(args.data or settings.data, settings.limit_images)
     if resumed:
