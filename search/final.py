@@ -187,10 +187,8 @@ def train_fold(
     device = next(model.parameters()).device
     images = data.val_images
     probs = np.empty((len(images), NUM_CLASSES, *images.shape[1:]), dtype=np.float16)
-    for start in range(0, len(images), BATCH):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + BATCH]))
-        mean = predict_probabilities([model], batch.to(device).unsqueeze(1), tta)
-        probs[start : start + len(batch)] = mean.cpu().numpy()
+    for window, mean in predict_probabilities(model, images, device, tta=tta):
+        probs[window] = mean.cpu().numpy()
     return {
         "val_idx": split[1],
         "probs": probs,
