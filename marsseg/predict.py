@@ -1,5 +1,7 @@
 """Prediction: one model or an ensemble, with flip test-time augmentation and metric-aware decoding.
 
+`predict_logits` is the only place a model meets images outside training: validation, the
+submission, out-of-fold probabilities and the TensorBoard panels all go through it.
 Probabilities are averaged per batch (over models and over the flipped copy) and decoded at once,
 so predicting 10k test images never holds more than one batch of probabilities. Model files hold
 the config, the weights of every member and optionally the calibration offsets fitted on their
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +24,13 @@ from torch import Tensor, nn
 from marsseg.calibrate import apply_offsets
 from marsseg.classes import NUM_CLASSES
 from marsseg.config import TrainConfig
-from marsseg.device import memory_format_for
-from marsseg.errors import ConfigError
+from marsseg.data import MarsArchive
+from marsseg.device import memory_format_for, resolve_device
+from marsseg.errors import ConfigError, DataError
 from marsseg.fileio import atomic_path
 from marsseg.metrics import decode
 from marsseg.precision import autocast
+from marsseg.submission import write_submission
 
 BATCH = 256
 
@@ -121,6 +126,50 @@ def predict_masks(
         scores = probs if offsets is None else apply_offsets(probs, offsets)
         out[window] = decode(scores, metric_aware=metric_aware).cpu().numpy()
     return out
+
+
+def check_target(path: Path, force: bool) -> None:
+    """Refuse to replace an existing submission unless asked to: it may be the one that scored."""
+    if path.exists() and not force:
+        raise DataError(f"{path} exists; pass --force to overwrite it")
+
+
+def require_test_set(archive: MarsArchive) -> None:
+    if archive.test_images is None:
+        raise DataError(f"{archive.source} has no 'test_set': there is nothing to predict")
+
+
+def predict_submission(
+    models: Sequence[nn.Module],
+    archive: MarsArchive,
+    path: Path,
+    *,
+    tta: bool = True,
+    metric_aware: bool = True,
+    device: torch.device | str | None = None,
+    offsets: Sequence[float] | np.ndarray | None = None,
+    force: bool = False,
+) -> Path:
+    """Predict the archive's test set in order and write the submission CSV at `path`.
+
+    Refuses an existing `path` without `force` and an archive without a test set, before
+    predicting. `offsets` are the calibration offsets of `marsseg.calibrate` (None: plain
+    decoding); `device` None means CUDA when there is one.
+    """
+    check_target(path, force)
+    require_test_set(archive)
+    start = time.perf_counter()
+    preds = predict_masks(
+        models,
+        archive.test_images,
+        resolve_device(device),
+        tta=tta,
+        metric_aware=metric_aware,
+        offsets=offsets,
+    )
+    elapsed = time.perf_counter() - start
+    print(f"predicted {len(preds)} test images in {elapsed:.1f}s ({len(preds) / elapsed:.0f}/s)")
+    return write_submission(preds, path)
 
 
 @dataclass(frozen=True)
