@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 
@@ -25,3 +26,14 @@ def run_cli(
         print("error: interrupted", file=sys.stderr)
         return 130
     return 2
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """`--no-tta`, `--no-metric-aware`, `--force` and `--device`, as every predicting entry point
+    spells them."""
+    parser.add_argument("--no-tta", action="store_true", help="no horizontal-flip TTA")
+    parser.add_argument(
+        "--no-metric-aware", action="store_true", help="let the argmax pick class 0 too"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite an existing submission")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

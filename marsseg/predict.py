@@ -1,5 +1,7 @@
 """Prediction: one model or an ensemble, with flip test-time augmentation and metric-aware decoding.
 
+`predict_logits` is the only place a model meets images outside training: validation, the
+submission, out-of-fold probabilities and the TensorBoard panels all go through it.
 Probabilities are averaged per batch (over models and over the flipped copy) and decoded at once,
 so predicting 10k test images never holds more than one batch of probabilities. Model files hold
 the config, the weights of every member and optionally the calibration offsets fitted on their
@@ -8,49 +10,90 @@ out-of-fold probabilities (`weights_only=True` loads them: no pickled code).
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from marsseg.calibrate import apply_offsets
 from marsseg.classes import NUM_CLASSES
 from marsseg.config import TrainConfig
-from marsseg.errors import ConfigError
+from marsseg.data import MarsArchive
+from marsseg.device import memory_format_for, resolve_device
+from marsseg.errors import ConfigError, DataError
 from marsseg.fileio import atomic_path
 from marsseg.metrics import decode
+from marsseg.precision import autocast
+from marsseg.submission import write_submission
 
 BATCH = 256
 
 
 @torch.no_grad()
+def predict_logits(
+    models: nn.Module | Sequence[nn.Module],
+    images: np.ndarray | Tensor,
+    device: torch.device | str = "cpu",
+    *,
+    tta: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    batch_size: int = BATCH,
+) -> Iterator[tuple[slice, Tensor]]:
+    """Yield (window, float32 logits (b, 5, H, W) on `device`) for `images` (N, H, W) in [0, 1].
+
+    The one inference path: validation, `predict_probabilities` (test predictions, out-of-fold
+    probabilities, TensorBoard panels) all run through it. Models are moved to `device` and put
+    in eval mode. For each window of `batch_size` images it yields once per model and, with
+    `tta`, once more per model for the horizontally flipped images, flipped back: consecutive
+    items share a window. A flip is the one augmentation that keeps rover images plausible (the
+    sky stays up). The caller's code runs between yields under the same autocast, as
+    validation's loss always has.
+    """
+    members = [models] if isinstance(models, nn.Module) else list(models)
+    device = torch.device(device)
+    members = [m.to(device).eval() for m in members]
+    if not isinstance(images, Tensor):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    layout = memory_format_for(device)
+    views = [False, True] if tta else [False]
+    for start in range(0, len(images), batch_size):
+        window = slice(start, start + batch_size)
+        batch = images[window].to(device, non_blocking=True).unsqueeze(1)
+        batch = batch.contiguous(memory_format=layout)
+        for model in members:
+            for flip in views:
+                with autocast(device, autocast_dtype):
+                    logits = model(batch.flip(-1) if flip else batch).float()
+                    yield window, logits.flip(-1) if flip else logits
+
+
 def predict_probabilities(
-    models: Sequence[nn.Module],
-    images: torch.Tensor,
+    models: nn.Module | Sequence[nn.Module],
+    images: np.ndarray | Tensor,
+    device: torch.device | str = "cpu",
+    *,
     tta: bool = True,
     autocast_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Mean softmax (B, 5, H, W) of every model, and of its horizontally flipped view with `tta`.
+    batch_size: int = BATCH,
+) -> Iterator[tuple[slice, Tensor]]:
+    """Yield (window, mean softmax (b, 5, H, W)) over every model and view of `predict_logits`.
 
-    A flip is the one augmentation that keeps rover images plausible (the sky stays up); the
-    prediction on the flipped image is flipped back before averaging.
+    Averaging a window at a time keeps one window of probabilities in memory, whatever N is.
     """
-    total = torch.zeros(())
-    views = [False, True] if tta else [False]
-    for model in models:
-        model.eval()
-        for flip in views:
-            x = images.flip(-1) if flip else images
-            with torch.autocast(
-                x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-            ):
-                probs = model(x).float().softmax(dim=1)
-            total = total + (probs.flip(-1) if flip else probs)
-    return total / (len(models) * len(views))
+    logits = predict_logits(
+        models, images, device, tta=tta, autocast_dtype=autocast_dtype, batch_size=batch_size
+    )
+    for start, views in itertools.groupby(logits, key=lambda item: item[0].start):
+        total = count = 0
+        for _, view in views:
+            total, count = total + view.softmax(dim=1), count + 1
+        yield slice(start, start + batch_size), total / count
 
 
 def predict_masks(
@@ -69,8 +112,6 @@ def predict_masks(
     `offsets` (5,) from `calibrate.fit_offsets` are added to the log of the averaged
     probabilities before the argmax; None or all zeros decode the probabilities as they are.
     """
-    device = torch.device(device)
-    models = [m.to(device) for m in models]
     if offsets is not None:
         offsets = np.asarray(offsets, dtype=np.float64)
         if offsets.shape != (NUM_CLASSES,):
@@ -78,12 +119,57 @@ def predict_masks(
         if not offsets.any():
             offsets = None
     out = np.empty(images.shape, dtype=np.uint8)
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-        probs = predict_probabilities(models, batch.to(device).unsqueeze(1), tta, autocast_dtype)
+    windows = predict_probabilities(
+        models, images, device, tta=tta, autocast_dtype=autocast_dtype, batch_size=batch_size
+    )
+    for window, probs in windows:
         scores = probs if offsets is None else apply_offsets(probs, offsets)
-        out[start : start + len(batch)] = decode(scores, metric_aware=metric_aware).cpu().numpy()
+        out[window] = decode(scores, metric_aware=metric_aware).cpu().numpy()
     return out
+
+
+def check_target(path: Path, force: bool) -> None:
+    """Refuse to replace an existing submission unless asked to: it may be the one that scored."""
+    if path.exists() and not force:
+        raise DataError(f"{path} exists; pass --force to overwrite it")
+
+
+def require_test_set(archive: MarsArchive) -> None:
+    if archive.test_images is None:
+        raise DataError(f"{archive.source} has no 'test_set': there is nothing to predict")
+
+
+def predict_submission(
+    models: Sequence[nn.Module],
+    archive: MarsArchive,
+    path: Path,
+    *,
+    tta: bool = True,
+    metric_aware: bool = True,
+    device: torch.device | str | None = None,
+    offsets: Sequence[float] | np.ndarray | None = None,
+    force: bool = False,
+) -> Path:
+    """Predict the archive's test set in order and write the submission CSV at `path`.
+
+    Refuses an existing `path` without `force` and an archive without a test set, before
+    predicting. `offsets` are the calibration offsets of `marsseg.calibrate` (None: plain
+    decoding); `device` None means CUDA when there is one.
+    """
+    check_target(path, force)
+    require_test_set(archive)
+    start = time.perf_counter()
+    preds = predict_masks(
+        models,
+        archive.test_images,
+        resolve_device(device),
+        tta=tta,
+        metric_aware=metric_aware,
+        offsets=offsets,
+    )
+    elapsed = time.perf_counter() - start
+    print(f"predicted {len(preds)} test images in {elapsed:.1f}s ({len(preds) / elapsed:.0f}/s)")
+    return write_submission(preds, path)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,11 @@ without a submission.
 
 The output folder gets `submission.csv` (`.csv.gz` with `--compress`), `model.pt` (every
 member's weights, the config and the offsets) and `report.md` with its PNGs.
+
+A config exported from a search records the checksum of the cleaned archive it was searched on;
+other data is refused before any training (`--any-data` trains it anyway). The command only
+parses: `train_final(config, archive, FinalSettings(...))` does the work, for `search.run --final`
+as well.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import math
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +50,21 @@ from tqdm import tqdm
 
 from marsseg.calibrate import Calibration, apply_offsets, fit_offsets, format_offsets
 from marsseg.classes import CLASS_NAMES, NUM_CLASSES, SCORED_CLASSES
-from marsseg.cli import run_cli
+from marsseg.cli import add_decoding_flags, run_cli
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive, kfold_plans, load_clean_archive, train_val_split
-from marsseg.errors import ConfigError
+from marsseg.errors import ConfigError, DataError
 from marsseg.metrics import Scores, decode, score_masks
-from marsseg.predict import BATCH, predict_probabilities, save_models
+from marsseg.predict import (
+    BATCH,
+    check_target,
+    predict_probabilities,
+    predict_submission,
+    require_test_set,
+    save_models,
+)
 from marsseg.report import write_report
 from marsseg.train import fit, prepare_data, resolve_device
-from search.predict import (
-    add_decoding_flags,
-    check_target,
-    require_test_set,
-    write_test_predictions,
-)
 from search.tasks import (
     TaskError,
     add_resource_flags,
@@ -95,6 +102,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-calibration", action="store_true", help="--folds: no per-class decoding offsets"
+    )
+    parser.add_argument(
+        "--any-data",
+        action="store_true",
+        help="train even on data other than the search's (its provenance checksum)",
     )
     add_resource_flags(parser, "fold or rerank run")
     add_decoding_flags(parser)
@@ -159,14 +171,20 @@ def rerank(
         )
     if failures:
         raise TaskError("; ".join(failures))
-    best_config, best_mean = None, -math.inf
+    return best_mean(configs, scores)
+
+
+def best_mean(configs: dict[Path, TrainConfig], scores: dict[Path, list[float]]) -> TrainConfig:
+    """The config whose seeds scored best on average; each config's mean and spread printed."""
+    best_config, best = None, -math.inf
     for path, config in configs.items():
         mean = float(np.mean(scores[path]))
         spread = float(np.std(scores[path]))
+        seeds = len(scores[path])
         print(f"rerank {path.name}: val mIoU {mean:.4f} +- {spread:.4f} over {seeds} seeds")
-        if mean > best_mean:
-            best_config, best_mean = config, mean
-    print(f"rerank: keeping {best_config.provenance.get('trial', '?')} (mean {best_mean:.4f})")
+        if mean > best:
+            best_config, best = config, mean
+    print(f"rerank: keeping {best_config.provenance.get('trial', '?')} (mean {best:.4f})")
     return best_config
 
 
@@ -187,10 +205,8 @@ def train_fold(
     device = next(model.parameters()).device
     images = data.val_images
     probs = np.empty((len(images), NUM_CLASSES, *images.shape[1:]), dtype=np.float16)
-    for start in range(0, len(images), BATCH):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + BATCH]))
-        mean = predict_probabilities([model], batch.to(device).unsqueeze(1), tta)
-        probs[start : start + len(batch)] = mean.cpu().numpy()
+    for window, mean in predict_probabilities(model, images, device, tta=tta):
+        probs[window] = mean.cpu().numpy()
     return {
         "val_idx": split[1],
         "probs": probs,
@@ -229,11 +245,7 @@ def train_folds(
     workers: int = 0,
 ) -> tuple[list[nn.Module], list[list[dict[str, Any]]], np.ndarray]:
     """K models on K stratified folds as Ray tasks, and the out-of-fold probabilities of every
-    training image (each is in exactly one fold's validation set).
-
-    Each fold is reported and saved to `folds_dir` as it ends; failed folds are named together
-    once the others have finished.
-    """
+    training image (each is in exactly one fold's validation set); see `collect_folds`."""
     plans = kfold_plans(archive.masks, folds, config.seed)
     data = ray.put(training_only(archive))  # one copy in the object store for every fold
     remote = _train_fold.options(num_cpus=cpus, num_gpus=gpus)
@@ -242,6 +254,20 @@ def train_folds(
         k: remote.remote(config, data, plan, threads=threads, workers=workers, tta=tta)
         for k, plan in enumerate(plans)
     }
+    return collect_folds(config, archive, jobs, folds_dir, metric_aware=metric_aware)
+
+
+def collect_folds(
+    config: TrainConfig,
+    archive: MarsArchive,
+    jobs: dict[int, ray.ObjectRef],
+    folds_dir: Path,
+    *,
+    metric_aware: bool,
+) -> tuple[list[nn.Module], list[list[dict[str, Any]]], np.ndarray]:
+    """Report and save each fold as it ends and gather the out-of-fold probabilities; name the
+    failed folds together once the others have finished."""
+    folds = len(jobs)
     oof = np.zeros((len(archive), NUM_CLASSES, *archive.images.shape[1:]), dtype=np.float16)
     models: dict[int, nn.Module] = {}
     histories: dict[int, list[dict[str, Any]]] = {}
@@ -300,101 +326,253 @@ def out_of_fold(
     return score_masks(preds, archive.masks), calibration, preds
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    config = TrainConfig.load(args.config)
-    out = args.out or Path("results") / "final" / args.config.stem
-    submission_path = out / ("submission.csv.gz" if args.compress else "submission.csv")
-    check_target(submission_path, args.force)
-    if args.folds is not None and args.folds < 2:
-        raise ConfigError(f"--folds must be >= 2, got {args.folds}")
-    archive, report = load_clean_archive(args.data)
+@dataclass(frozen=True)
+class FinalSettings:
+    """How `train_final` trains and where it writes: everything but the config and the data.
+
+    `config_path` names the config in messages and finds the `top-*.yaml` files `rerank`
+    retrains. `gpus` None asks for 1 per task when Ray has GPUs. `command` is the line the
+    report records (empty: none).
+    """
+
+    out: Path
+    config_path: Path | None = None
+    folds: int | None = None
+    epochs: int | None = None
+    rerank: int | None = None
+    rerank_seeds: int = 2
+    tta: bool = True
+    metric_aware: bool = True
+    calibrate: bool = True
+    compress: bool = False
+    force: bool = False
+    any_data: bool = False
+    cpus: float = 1
+    gpus: float | None = None
+    address: str | None = None
+    workers: int = 0
+    threads: int | None = None
+    device: str | None = None
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.folds is not None and self.folds < 2:
+            raise ConfigError(f"--folds must be >= 2, got {self.folds}")
+        if self.rerank and self.config_path is None:
+            raise ConfigError("--rerank needs the config's path: its top-*.yaml lie beside it")
+
+    @property
+    def submission_path(self) -> Path:
+        return self.out / ("submission.csv.gz" if self.compress else "submission.csv")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, command: str = "") -> FinalSettings:
+        """The settings `parse_args` describes (the output folder defaults by the config's name)."""
+        return cls(
+            out=args.out or Path("results") / "final" / args.config.stem,
+            config_path=args.config,
+            folds=args.folds,
+            epochs=args.epochs,
+            rerank=args.rerank,
+            rerank_seeds=args.rerank_seeds,
+            tta=not args.no_tta,
+            metric_aware=not args.no_metric_aware,
+            calibrate=not args.no_calibration,
+            compress=args.compress,
+            force=args.force,
+            any_data=args.any_data,
+            cpus=args.cpus_per_trial,
+            gpus=args.gpus_per_trial,
+            address=args.address,
+            workers=args.workers,
+            threads=args.threads,
+            device=args.device,
+            command=command,
+        )
+
+
+@dataclass(frozen=True)
+class FinalResult:
+    """What `train_final` wrote, and the config and scores behind it."""
+
+    submission: Path
+    model: Path
+    report: Path
+    config: TrainConfig
+    """The config trained (after `--rerank` and the epochs it was given)."""
+    scores: Scores | None
+    """Out-of-fold scores with `folds` (calibrated when offsets were fit); None on all data."""
+    offsets: np.ndarray | None
+
+
+@dataclass
+class _Trained:
+    """The members and what the report says about how they were trained."""
+
+    config: TrainConfig
+    models: list[nn.Module]
+    histories: list[list[dict[str, Any]]]
+    facts: dict[str, Any]
+    score_label: str
+    scores: Scores | None = None
+    samples: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    calibration: Calibration | None = None
+
+
+def check_data(config: TrainConfig, archive: MarsArchive, settings: FinalSettings) -> None:
+    """Refuse data other than what the config was searched on, unless `settings.any_data`.
+
+    The search records the checksum of its whole cleaned archive (`data_images`, when present,
+    counts the first images it trained on); a config without one (hand-written) is not checked.
+    """
+    searched = config.provenance.get("data_checksum")
+    if not searched or settings.any_data:
+        return
+    found = archive.checksum()
+    if found != searched:
+        name = settings.config_path or "the config"
+        raise DataError(
+            f"{name} was searched on data with checksum {searched} but --data {archive.source} "
+            f"has checksum {found}; pass --any-data to train it on other data anyway"
+        )
+
+
+def train_final(config: TrainConfig, archive: MarsArchive, settings: FinalSettings) -> FinalResult:
+    """Train `config` for real on `archive` (cleaned, with its test set) and write the submission,
+    `model.pt` and `report.md` into `settings.out`.
+
+    Everything that can refuse (the submission path, the test set, the data's checksum) does so
+    before any training. Folds and rerank runs are Ray tasks (Ray is started or joined here).
+    """
+    check_target(settings.submission_path, settings.force)
     require_test_set(archive)
-    print(report.summary())
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    tta, metric_aware = not args.no_tta, not args.no_metric_aware
+    check_data(config, archive, settings)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
     tasks: dict[str, Any] = {}
-    if args.folds or args.rerank:
-        gpus = start_ray(args.address, args.cpus_per_trial, args.gpus_per_trial)
-        tasks = {"cpus": args.cpus_per_trial, "gpus": gpus, "workers": args.workers}
-        print(f"training runs as Ray tasks, {args.cpus_per_trial:g} CPU + {gpus:g} GPU each")
-    if args.rerank:
-        config = rerank(args.config, args.rerank, args.rerank_seeds, archive, **tasks)
-
-    facts: dict[str, Any] = {"training images (cleaned)": len(archive)}
-    calibration = None
-    if args.folds:
-        if args.epochs:
-            config = config.replace(max_epochs=args.epochs)
-        models, histories, oof = train_folds(
-            config,
-            archive,
-            args.folds,
-            out / FOLDS_DIR,
-            tta=tta,
-            metric_aware=metric_aware,
-            **tasks,
+    if settings.folds or settings.rerank:
+        gpus = start_ray(settings.address, settings.cpus, settings.gpus)
+        tasks = {"cpus": settings.cpus, "gpus": gpus, "workers": settings.workers}
+        print(f"training runs as Ray tasks, {settings.cpus:g} CPU + {gpus:g} GPU each")
+    if settings.rerank:
+        config = rerank(
+            settings.config_path, settings.rerank, settings.rerank_seeds, archive, **tasks
         )
-        calibrate = metric_aware and not args.no_calibration
-        scores, calibration, preds = out_of_fold(
-            oof, archive, metric_aware=metric_aware, calibrate=calibrate
-        )
-        chosen = slice(0, SAMPLE_IMAGES)
-        samples = (archive.images[chosen], archive.masks[chosen], preds[chosen])
-        facts["training"] = (
-            f"{args.folds}-fold ensemble, early stopping per fold, up to {config.max_epochs} epochs"
-        )
-        label = f"out-of-fold ({args.folds} folds)" + (", calibrated" if calibration else "")
-        if calibration is not None:
-            facts["calibration"] = (
-                f"per-class log-probability offsets fit on the out-of-fold probabilities: "
-                f"{format_offsets(calibration.offsets)} (mIoU {calibration.gain:+.4f})"
-            )
-        elif args.no_calibration:
-            facts["calibration"] = "off (--no-calibration)"
-        else:
-            facts["calibration"] = "off (offsets are fit for metric-aware decoding)"
+    if settings.folds:
+        trained = _train_ensemble(config, archive, settings, tasks)
     else:
-        epochs, why = final_epochs(config, args.epochs)
-        config = config.replace(val_fraction=0.0, max_epochs=epochs)
-        print(f"training on all {len(archive)} images for {epochs} epochs ({why})")
-        fit_args = {"device": device, "num_threads": args.threads, "workers": args.workers}
-        result = fit(config, archive, **fit_args)
-        models, histories, scores, samples = [result.model.cpu()], [result.history], None, None
-        facts["training"] = f"one model on all data, {epochs} epochs ({why})"
-        label = "held-out (none: trained on all data)"
-        if "val_miou" in config.provenance:
-            facts["search validation mIoU"] = config.provenance["val_miou"]
-    facts["test-time augmentation"] = "horizontal flip" if tta else "off"
-    facts["decoding"] = "metric-aware (classes 1-4)" if metric_aware else "plain argmax"
+        trained = _train_all_data(config, archive, settings, device)
+    trained.facts["test-time augmentation"] = "horizontal flip" if settings.tta else "off"
+    trained.facts["decoding"] = (
+        "metric-aware (classes 1-4)" if settings.metric_aware else "plain argmax"
+    )
+    return _write_outputs(trained, archive, settings, device)
 
-    out.mkdir(parents=True, exist_ok=True)
-    offsets = calibration.offsets if calibration is not None else None
-    submission = write_test_predictions(
-        models,
+
+def _train_ensemble(
+    config: TrainConfig, archive: MarsArchive, settings: FinalSettings, tasks: dict[str, Any]
+) -> _Trained:
+    """`settings.folds` models, their out-of-fold scores and (when asked) calibration."""
+    folds, metric_aware = settings.folds, settings.metric_aware
+    if settings.epochs:
+        config = config.replace(max_epochs=settings.epochs)
+    models, histories, oof = train_folds(
+        config,
         archive,
-        submission_path,
-        tta=tta,
+        folds,
+        settings.out / FOLDS_DIR,
+        tta=settings.tta,
         metric_aware=metric_aware,
+        **tasks,
+    )
+    calibrate = metric_aware and settings.calibrate
+    scores, calibration, preds = out_of_fold(
+        oof, archive, metric_aware=metric_aware, calibrate=calibrate
+    )
+    chosen = slice(0, SAMPLE_IMAGES)
+    facts: dict[str, Any] = {
+        "training images (cleaned)": len(archive),
+        "training": (
+            f"{folds}-fold ensemble, early stopping per fold, up to {config.max_epochs} epochs"
+        ),
+    }
+    if calibration is not None:
+        facts["calibration"] = (
+            f"per-class log-probability offsets fit on the out-of-fold probabilities: "
+            f"{format_offsets(calibration.offsets)} (mIoU {calibration.gain:+.4f})"
+        )
+    elif not settings.calibrate:
+        facts["calibration"] = "off (--no-calibration)"
+    else:
+        facts["calibration"] = "off (offsets are fit for metric-aware decoding)"
+    label = f"out-of-fold ({folds} folds)" + (", calibrated" if calibration else "")
+    samples = (archive.images[chosen], archive.masks[chosen], preds[chosen])
+    return _Trained(config, models, histories, facts, label, scores, samples, calibration)
+
+
+def _train_all_data(
+    config: TrainConfig, archive: MarsArchive, settings: FinalSettings, device: torch.device
+) -> _Trained:
+    """One model on every cleaned training image, for a fixed number of epochs."""
+    epochs, why = final_epochs(config, settings.epochs)
+    config = config.replace(val_fraction=0.0, max_epochs=epochs)
+    print(f"training on all {len(archive)} images for {epochs} epochs ({why})")
+    fit_args = {"device": device, "num_threads": settings.threads, "workers": settings.workers}
+    result = fit(config, archive, **fit_args)
+    facts: dict[str, Any] = {
+        "training images (cleaned)": len(archive),
+        "training": f"one model on all data, {epochs} epochs ({why})",
+    }
+    if "val_miou" in config.provenance:
+        facts["search validation mIoU"] = config.provenance["val_miou"]
+    label = "held-out (none: trained on all data)"
+    return _Trained(config, [result.model.cpu()], [result.history], facts, label)
+
+
+def _write_outputs(
+    trained: _Trained, archive: MarsArchive, settings: FinalSettings, device: torch.device
+) -> FinalResult:
+    """The submission, `model.pt` and `report.md` (with its PNGs) of what was trained."""
+    settings.out.mkdir(parents=True, exist_ok=True)
+    calibration = trained.calibration
+    offsets = calibration.offsets if calibration is not None else None
+    submission = predict_submission(
+        trained.models,
+        archive,
+        settings.submission_path,
+        tta=settings.tta,
+        metric_aware=settings.metric_aware,
         device=device,
         offsets=offsets,
+        force=settings.force,
     )
-    model_path = save_models(out / "model.pt", config, models, offsets=offsets)
-    command = "python -m search.final " + shlex.join(sys.argv[1:] if argv is None else argv)
+    model_path = save_models(settings.out / "model.pt", trained.config, trained.models, offsets)
     report_path = write_report(
-        out,
-        config=config,
-        scores=scores,
-        score_label=label,
-        histories=histories,
-        samples=samples,
-        facts=facts,
-        commands=[command],
+        settings.out,
+        config=trained.config,
+        scores=trained.scores,
+        score_label=trained.score_label,
+        histories=trained.histories,
+        samples=trained.samples,
+        facts=trained.facts,
+        commands=[settings.command] if settings.command else [],
         calibration=calibration,
     )
     print(f"wrote {submission}, {model_path} and {report_path}")
+    return FinalResult(submission, model_path, report_path, trained.config, trained.scores, offsets)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = TrainConfig.load(args.config)
+    command = "python -m search.final " + shlex.join(sys.argv[1:] if argv is None else argv)
+    settings = FinalSettings.from_args(args, command)
+    check_target(settings.submission_path, settings.force)  # before loading or training
+    archive, report = load_clean_archive(args.data)
+    require_test_set(archive)
+    print(report.summary())
+    train_final(config, archive, settings)
     return 0
 
 

@@ -20,6 +20,7 @@ from marsseg.metrics import decode, score_masks
 from marsseg.predict import (
     load_ensemble,
     load_models,
+    predict_logits,
     predict_masks,
     predict_probabilities,
     save_models,
@@ -271,7 +272,7 @@ def test_bad_offsets_in_a_model_file_are_one_line_errors(tmp_path):
 
 def test_predict_masks_decodes_with_offsets_after_averaging():
     models, x = members(), images()
-    probs = predict_probabilities(models, torch.from_numpy(x).unsqueeze(1), tta=True)
+    probs = torch.cat([p for _, p in predict_probabilities(models, x, tta=True)])
     expected = decode(apply_offsets(probs, OFFSETS)).numpy()
     got = predict_masks(models, x, offsets=OFFSETS, batch_size=2)
     np.testing.assert_array_equal(got, expected)
@@ -279,6 +280,24 @@ def test_predict_masks_decodes_with_offsets_after_averaging():
     assert (got != plain).any()  # the offsets matter for these members
     np.testing.assert_array_equal(plain, decode(probs).numpy())
     np.testing.assert_array_equal(predict_masks(models, x, offsets=np.zeros(5)), plain)
+
+
+def test_one_inference_function_yields_every_member_and_view_per_window():
+    models, x = members(), images()
+    seen = list(predict_logits(models, x, tta=True, batch_size=2))
+    assert [window.start for window, _ in seen] == [0] * 4 + [2] * 4 + [4] * 4
+    assert all(logits.dtype == torch.float32 for _, logits in seen)
+    assert [tuple(logits.shape) for _, logits in seen[-4:]] == [(1, 5, 64, 128)] * 4
+    batch = torch.from_numpy(x[:2]).unsqueeze(1)
+    with torch.no_grad():  # the second view of a member: the flipped images, flipped back
+        torch.testing.assert_close(seen[1][1], models[0](batch.flip(-1)).flip(-1))
+        torch.testing.assert_close(seen[2][1], models[1](batch))
+    expected = torch.stack([logits.softmax(dim=1) for _, logits in seen[:4]]).mean(dim=0)
+    window, probs = next(predict_probabilities(models, x, tta=True, batch_size=2))
+    assert window == slice(0, 2)
+    torch.testing.assert_close(probs, expected)
+    plain = list(predict_logits(models[0], x))  # validation's call: one model, no flip
+    assert len(plain) == 1 and plain[0][0] == slice(0, 256)
 
 
 def test_search_predict_applies_stored_offsets_unless_told_not_to(tmp_path, tiny_archive, capsys):

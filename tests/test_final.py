@@ -22,6 +22,7 @@ from marsseg.data import (
     save_archive,
 )
 from marsseg.data.synthetic import generate
+from marsseg.errors import DataError
 from marsseg.metrics import score_masks
 from marsseg.predict import load_ensemble, load_models, predict_masks
 from marsseg.submission import HEADER, read_submission
@@ -321,3 +322,53 @@ def test_search_with_final_runs_the_whole_chain(ray_env, tiny_archive, tmp_path,
     # The same command again keeps the submission it made, unless told otherwise.
     assert run_cli(search_main, args) == 2
     assert search_main([*args, "--force"]) == 0
+
+
+def test_final_refuses_data_other_than_the_searched_before_training(
+    small_archive, tmp_path, monkeypatch, capsys
+):
+    class Trained(Exception):
+        """Raised where training would start: the checks before it have passed."""
+
+    def training(*args, **kwargs):
+        raise Trained
+
+    monkeypatch.setattr(final_stage, "fit", training)
+    found = load_clean_archive(small_archive)[0].checksum()
+    config = tmp_path / "best_config.yaml"
+    searched = TrainConfig.from_dict(FAST).replace(provenance={"data_checksum": "0123456789abcdef"})
+    searched.save(config)
+    args = ["--config", str(config), "--data", str(small_archive), "--out", str(tmp_path / "o")]
+    assert run_cli(final_stage.main, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {config} was searched on data with checksum 0123456789abcdef but --data "
+        f"{small_archive} has checksum {found}; pass --any-data to train it on other data anyway"
+    ]
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(Trained):
+        final_stage.main([*args, "--any-data"])
+    searched.replace(provenance={"data_checksum": found}).save(config)
+    with pytest.raises(Trained):
+        final_stage.main(args)
+    TrainConfig.from_dict(FAST).save(config)  # no provenance (hand-written): not checked
+    with pytest.raises(Trained):
+        final_stage.main(args)
+
+
+def test_train_final_is_callable_with_a_loaded_archive_and_settings(small_archive, tmp_path):
+    archive, _ = load_clean_archive(small_archive)
+    config = TrainConfig.from_dict(FAST).replace(provenance={"data_checksum": "0" * 16})
+    settings = final_stage.FinalSettings(out=tmp_path / "run", epochs=1, threads=2, device="cpu")
+    with pytest.raises(DataError, match="the config was searched on data with checksum 0000"):
+        final_stage.train_final(config, archive, settings)
+    assert not settings.out.exists()
+    config = config.replace(provenance={"data_checksum": archive.checksum()})
+    result = final_stage.train_final(config, archive, settings)
+    assert result.submission == tmp_path / "run" / "submission.csv" and result.scores is None
+    n_test = len(archive.test_images)
+    assert read_submission(result.submission, n_rows=n_test).shape == (n_test, 64, 128)
+    assert len(load_models(result.model)[1]) == 1 and result.report.is_file()
+    assert result.config.max_epochs == 1 and result.config.val_fraction == 0
+    with pytest.raises(DataError, match=r"submission\.csv exists; pass --force"):
+        final_stage.train_final(config, archive, settings)

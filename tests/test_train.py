@@ -14,7 +14,8 @@ from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
 from marsseg.errors import ConfigError
 from marsseg.losses import CombinedLoss
-from marsseg.predict import load_models
+from marsseg.metrics import score_masks
+from marsseg.predict import load_models, predict_masks
 from marsseg.train import EPOCH_METRICS, evaluate, fit, prepare_data
 from marsseg.train.__main__ import main as train_main
 
@@ -67,6 +68,22 @@ def test_short_run_beats_the_untrained_model_and_reports_everything(small_archiv
     assert history[-1]["stop_reason"] == "max_epochs"
     assert result.best_score == max(m["val_miou"] for m in history)
     assert result.best_score > untrained[1].mean_iou + 0.15
+
+
+def test_validation_scores_what_prediction_predicts(small_archive, tmp_path):
+    """Validation and `predict_masks` run one inference function: the same model scores the
+    same on the same images, and `fit`'s best score is what its returned model predicts."""
+    config = small_config(max_epochs=1)
+    data = prepare_data(config, small_archive, tmp_path / "cache")
+    result = fit(config, data, num_threads=2)
+    loss, scores = evaluate(result.model, CombinedLoss(config.loss), data, torch.device("cpu"))
+    predicted = score_masks(
+        predict_masks([result.model], data.val_images, tta=False), data.val_masks
+    )
+    assert math.isfinite(loss)
+    assert scores.mean_iou == predicted.mean_iou == result.best_score
+    np.testing.assert_array_equal(scores.iou, predicted.iou)
+    np.testing.assert_array_equal(scores.confusion, predicted.confusion)
 
 
 def test_same_seed_same_metrics_on_cpu(small_archive, tmp_path):

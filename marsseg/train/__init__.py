@@ -1,14 +1,9 @@
 """Training one configuration: one `fit` for the CLI, a Ray Tune trial and the final stage."""
 
+from marsseg.device import resolve_device
 from marsseg.train.batches import PreparedData, prepare_data
 from marsseg.train.keys import EPOCH_METRICS
-from marsseg.train.loop import (
-    FitResult,
-    evaluate,
-    fit,
-    predict_logits,
-    resolve_device,
-)
+from marsseg.train.loop import FitResult, evaluate, fit
 from marsseg.train.state import EpochState
 
 __all__ = [
@@ -18,7 +13,6 @@ __all__ = [
     "PreparedData",
     "evaluate",
     "fit",
-    "predict_logits",
     "prepare_data",
     "resolve_device",
 ]

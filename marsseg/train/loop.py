@@ -27,15 +27,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
+from marsseg.device import memory_format_for, resolve_device
 from marsseg.losses import CombinedLoss
 from marsseg.metrics import ConfusionMeter, Scores, decode
 from marsseg.precision import autocast, autocast_dtype_for
+from marsseg.predict import predict_logits
 from marsseg.sampling import oversample_indices
 from marsseg.train import keys
 from marsseg.train.batches import Batches, PreparedData, epoch_seed, prepare_data
@@ -47,8 +48,6 @@ from marsseg.train.schedule import (
     total_steps,
 )
 from marsseg.train.state import EpochState
-
-EVAL_BATCH = 256
 
 
 @dataclass
@@ -64,12 +63,6 @@ class FitResult:
 
 
 OnEpoch = Callable[[dict[str, Any], EpochState], None]
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fit(
@@ -194,14 +187,6 @@ def _step_hook(
     return after_step
 
 
-def memory_format_for(
-    device: torch.device, channels_last: bool | None = None
-) -> torch.memory_format:
-    """NHWC when asked, or by default on CUDA; the contiguous NCHW layout otherwise."""
-    on = device.type == "cuda" if channels_last is None else channels_last
-    return torch.channels_last if on else torch.contiguous_format
-
-
 def _track_best(state: EpochState, score: float, config: TrainConfig) -> str:
     """Keep the best weights; return 'early_stopping' once patience runs out.
 
@@ -263,26 +248,6 @@ def train_epoch(
 
 
 @torch.no_grad()
-def predict_logits(
-    model: nn.Module,
-    images: np.ndarray | Tensor,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    batch_size: int = EVAL_BATCH,
-) -> Iterator[tuple[slice, Tensor]]:
-    """Yield (slice, logits on device) over `images` (N, H, W) in eval mode."""
-    model.eval()
-    images = torch.as_tensor(images)
-    for start in range(0, len(images), batch_size):
-        window = slice(start, start + batch_size)
-        batch = images[window].to(device, non_blocking=True).unsqueeze(1)
-        if device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(device, autocast_dtype):
-            yield window, model(batch).float()
-
-
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     criterion: CombinedLoss,
@@ -296,7 +261,8 @@ def evaluate(
     masks = torch.from_numpy(data.val_masks)
     dist = None if data.val_dist is None else torch.from_numpy(data.val_dist)
     total = 0.0
-    for window, logits in predict_logits(model, data.val_images, device, autocast_dtype):
+    images = data.val_images
+    for window, logits in predict_logits(model, images, device, autocast_dtype=autocast_dtype):
         target = masks[window].to(device).long()
         batch_dist = None if dist is None else dist[window].to(device).float()
         total += float(criterion(logits, target, dist_maps=batch_dist, epoch=epoch)) * len(target)

@@ -13,10 +13,12 @@ import torch
 
 from marsseg.classes import IMAGE_SHAPE, NUM_CLASSES
 from marsseg.config import TrainConfig
+from marsseg.device import memory_format_for
 from marsseg.losses import CombinedLoss
 from marsseg.precision import autocast_dtype_for
+from marsseg.predict import BATCH, predict_logits
 from marsseg.train.batches import Batches, PreparedData
-from marsseg.train.loop import EVAL_BATCH, memory_format_for, predict_logits, train_epoch
+from marsseg.train.loop import train_epoch
 
 
 def training_memory(
@@ -59,8 +61,8 @@ def run_steps(config: TrainConfig, images: int, device: torch.device, steps: int
     train_epoch(
         model, criterion, optimizer, batches.epoch(plan, 0), 0, autocast_dtype, memory_format
     )
-    val = data.train_images[: min(images, EVAL_BATCH)]
-    for _ in predict_logits(model, val, device, autocast_dtype):
+    val = data.train_images[: min(images, BATCH)]
+    for _ in predict_logits(model, val, device, autocast_dtype=autocast_dtype):
         pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
