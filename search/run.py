@@ -311,27 +311,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_final(args: argparse.Namespace, experiment: Experiment) -> None:
-    """search -> export -> final in one go: the best config of `--final-arch`, retrained."""
-    from search import export, final
+    """search -> export -> final in one go: the best config of `--final-arch`, retrained on
+    the whole cleaned archive (not `--limit-images`' share), its folds as Ray tasks on the
+    search's own Ray with a trial's resources each."""
+    from search import export
+    from search.final import FinalSettings, train_final
 
     out = experiment.results
     export.export(experiment, top_k=5, arch=args.final_arch, out=out)
-    final_args = ["--config", str(out / BEST_CONFIG), "--out", str(out / "final")]
-    if args.data:
-        final_args += ["--data", str(args.data)]
-    if args.final_folds:
-        final_args += ["--folds", str(args.final_folds)]
-    if args.final_epochs:
-        final_args += ["--epochs", str(args.final_epochs)]
-    if args.force:
-        final_args.append("--force")
-    # The folds run as Ray tasks on the search's own Ray, with a trial's resources each.
-    final_args += ["--cpus-per-trial", f"{args.cpus_per_trial:g}"]
-    if args.gpus_per_trial is not None:
-        final_args += ["--gpus-per-trial", f"{args.gpus_per_trial:g}"]
-    if args.address:
-        final_args += ["--address", args.address]
-    final.main(final_args)
+    settings = FinalSettings(
+        out=out / "final",
+        config_path=out / BEST_CONFIG,
+        folds=args.final_folds,
+        epochs=args.final_epochs,
+        force=args.force,
+        cpus=args.cpus_per_trial,
+        gpus=args.gpus_per_trial,
+        address=args.address,
+        command=f"python -m search.run {' '.join(sys.argv[1:])}",
+    )
+    archive, _ = load_clean_archive(args.data or experiment.settings.data)
+    train_final(TrainConfig.load(settings.config_path), archive, settings)
 
 
 def report(results: ResultGrid, experiment: Experiment) -> None:

@@ -30,6 +30,7 @@ from marsseg.train import fit
 from search import export, tasks
 from search import final as final_stage
 from search import predict as predict_stage
+from search.experiment import Experiment
 from search.run import main as search_main
 
 
@@ -41,7 +42,7 @@ def experiment(ray_env, tiny_archive, tmp_path_factory):
 
 
 def test_export_writes_top_k_configs_that_load_and_train(experiment, tiny_archive, tmp_path):
-    paths = export.export(str(experiment), top_k=2, arch="any", out=tmp_path)
+    paths = export.export(Experiment.at(str(experiment)), top_k=2, arch="any", out=tmp_path)
     assert [p.name[:7] for p in paths] == ["top-01-", "top-02-"]
     best = TrainConfig.load(tmp_path / "best_config.yaml")
     assert best == TrainConfig.load(paths[0])
@@ -56,7 +57,7 @@ def test_export_writes_top_k_configs_that_load_and_train(experiment, tiny_archiv
 
 def test_export_takes_a_relative_experiment_path(experiment, tmp_path, monkeypatch):
     monkeypatch.chdir(experiment.parent)
-    paths = export.export(experiment.name, top_k=1, arch="any", out=tmp_path)
+    paths = export.export(Experiment.at(experiment.name), top_k=1, arch="any", out=tmp_path)
     assert paths == [next(tmp_path.glob("top-01-*.yaml"))]
 
 
@@ -77,7 +78,7 @@ FAST = {**TINY, "augment": {"preset": "none"}, "max_epochs": 1}
 def final_run(experiment, tiny_archive, tmp_path_factory):
     """A 2-fold run whose fold results are recorded as the driver receives them."""
     out = tmp_path_factory.mktemp("final")
-    export.export(str(experiment), top_k=1, arch="any", out=out / "configs")
+    export.export(Experiment.at(str(experiment)), top_k=1, arch="any", out=out / "configs")
     args = ["--config", str(out / "configs" / "best_config.yaml"), "--data", str(tiny_archive)]
     args += ["--folds", "2", "--epochs", "2", "--out", str(out / "run"), "--threads", "2"]
     args += ["--cpus-per-trial", "1"]
@@ -145,7 +146,7 @@ def test_final_model_reloads_and_reproduces_the_submission(final_run, tiny_archi
 
 
 def test_final_compress_writes_a_gzip_submission(experiment, tiny_archive, tmp_path):
-    export.export(str(experiment), top_k=1, arch="any", out=tmp_path / "configs")
+    export.export(Experiment.at(str(experiment)), top_k=1, arch="any", out=tmp_path / "configs")
     args = ["--config", str(tmp_path / "configs" / "best_config.yaml"), "--data", str(tiny_archive)]
     args += ["--epochs", "1", "--out", str(tmp_path / "run"), "--threads", "2", "--compress"]
     assert final_stage.main(args) == 0
