@@ -12,9 +12,12 @@ from marsseg.errors import MarsSegError
 def run_cli(
     main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
 ) -> int:
-    """Run `main`; a `MarsSegError` or a missing file becomes one line on stderr and exit code 2.
+    """Run `main`; a user-facing fault becomes one line `error: ...` on stderr and exit code 2.
 
-    Anything else is a bug in the project and keeps its traceback.
+    The faults: a `MarsSegError` (bad input: an archive, a config file, a model file, a flag, a
+    device, an output path) and an `OSError` (a missing file, a full disk, permission denied, a
+    read-only filesystem), named by what failed and the path. Anything else is a bug in the
+    project and keeps its traceback.
     """
     try:
         return main(argv) or 0
@@ -22,10 +25,20 @@ def run_cli(
         print(f"error: {err}", file=sys.stderr)
     except FileNotFoundError as err:
         print(f"error: file not found: {err.filename or err}", file=sys.stderr)
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     return 2
+
+
+def describe_os_error(err: OSError) -> str:
+    """`<what failed>: <path>` (and the second path of a rename), on one line."""
+    what = err.strerror or str(err) or type(err).__name__
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    text = ": ".join([what, " -> ".join(paths)] if paths else [what])
+    return " ".join(text.split())  # one line whatever the message held
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:

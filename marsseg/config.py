@@ -238,12 +238,16 @@ class TrainConfig:
                 if path.suffix == ".json"
                 else yaml.safe_load(path.read_text())
             )
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
             first = str(err).splitlines()[0]
-            raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.')} ({first})") from None
+            kind = "json" if path.suffix == ".json" else "yaml"
+            raise ConfigError(f"{path}: not valid {kind} ({first})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
 
 PLAIN = TrainConfig(
@@ -291,7 +295,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{where} must be a mapping of fields, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ConfigError(
             f"{prefix}{unknown[0]}: unknown field (known in {where}: {', '.join(sorted(known))})"

@@ -20,3 +20,8 @@ class ConfigError(MarsSegError):
 class SearchError(MarsSegError):
     """A search stage that cannot start or go on: an unreachable cluster, unservable resources,
     unwritable storage, a missing experiment, data that differs from the experiment's."""
+
+
+class OutputError(MarsSegError):
+    """An output path that cannot be written: not a folder, not writable, or on a disk with too
+    little free space. Raised before the work whose result would be lost."""

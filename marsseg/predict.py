@@ -209,11 +209,24 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
         raise ConfigError(f"{path} is not a readable model file ({type(err).__name__})") from None
     if not isinstance(state, dict) or not {"config", "models"} <= state.keys():
         raise ConfigError(f"{path} is not a marsseg model file (expected 'config' and 'models')")
-    config = TrainConfig.from_dict(state["config"])
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except ConfigError as err:
+        raise ConfigError(f"{path}: its config is broken: {err}") from None
+    members = state["models"]
+    if not isinstance(members, list) or not members:
+        raise ConfigError(f"{path}: 'models' must be a non-empty list of weights")
     models = []
-    for weights in state["models"]:
+    for k, weights in enumerate(members, start=1):
         model = config.model.build()
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except (RuntimeError, TypeError, AttributeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"{path}: member {k}'s weights do not fit its config's {config.model.name} "
+                f"({first.rstrip(':.')})"
+            ) from None
         models.append(model.eval())
     offsets = state.get("offsets")
     if offsets is not None:
