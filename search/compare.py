@@ -30,6 +30,7 @@ from marsseg.cli import run_cli
 from marsseg.config import PRESETS, TrainConfig, preset
 from marsseg.data import MarsArchive, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError
+from marsseg.fileio import check_writable
 from marsseg.train.keys import IOU_KEYS
 from search.tasks import SCORES, add_resource_flags, start_ray, task_threads, train_run
 
@@ -146,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise ConfigError(f"--candidate names must differ, got {names}")
+    check_writable(args.out)  # before the data is loaded or any run trains
     archive, report = load_clean_archive(args.data)
     print(f"data: {args.data or 'synthetic'}: {report.summary()}")
     split = train_val_split(archive.masks, args.val_fraction, args.split_seed)

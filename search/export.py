@@ -22,6 +22,7 @@ from ray.tune import ExperimentAnalysis, ResultGrid
 
 from marsseg.cli import run_cli
 from marsseg.errors import SearchError
+from marsseg.fileio import check_writable
 from marsseg.models import list_models
 from search.experiment import BEST_CONFIG, LEADERBOARD, TIMELINE, Experiment
 from search.results import TrialSummary, leaderboard, rank_trials, with_provenance
@@ -66,11 +67,11 @@ def export(
         )
     if top_k < 1:
         raise SearchError(f"--top-k must be >= 1, got {top_k}")
+    out = check_writable(out or experiment.results)
     summaries = trials(experiment)
     chosen = [s for s in summaries if arch == "any" or s.config.model.name == arch][:top_k]
     if not chosen:
         raise SearchError(f"no trial of architecture {arch!r} reported a score in {experiment.uri}")
-    out = out or experiment.results
     paths = []
     for rank, summary in enumerate(chosen, start=1):
         config = with_provenance(summary, experiment)
@@ -89,6 +90,8 @@ def export(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out is not None:
+        check_writable(args.out)  # before the experiment is even looked for
     export(Experiment.at(args.experiment), args.top_k, args.arch, args.out)
     return 0
 

@@ -54,6 +54,7 @@ from marsseg.cli import add_decoding_flags, run_cli
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive, kfold_plans, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError, DataError
+from marsseg.fileio import check_output, check_writable
 from marsseg.metrics import Scores, decode, score_masks
 from marsseg.predict import (
     BATCH,
@@ -64,6 +65,7 @@ from marsseg.predict import (
     save_models,
 )
 from marsseg.report import write_report
+from marsseg.submission import submission_bytes
 from marsseg.train import fit, prepare_data, resolve_device
 from search.tasks import (
     TaskError,
@@ -441,11 +443,14 @@ def train_final(config: TrainConfig, archive: MarsArchive, settings: FinalSettin
     """Train `config` for real on `archive` (cleaned, with its test set) and write the submission,
     `model.pt` and `report.md` into `settings.out`.
 
-    Everything that can refuse (the submission path, the test set, the data's checksum) does so
-    before any training. Folds and rerank runs are Ray tasks (Ray is started or joined here).
+    Everything that can refuse (the submission path, its folder and free space, the test set,
+    the data's checksum, the device) does so before any training. Folds and rerank runs are Ray
+    tasks (Ray is started or joined here).
     """
     check_target(settings.submission_path, settings.force)
     require_test_set(archive)
+    need = submission_bytes(len(archive.test_images), settings.compress)
+    check_output(settings.submission_path, need, what="submission")
     check_data(config, archive, settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -568,7 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = TrainConfig.load(args.config)
     command = "python -m search.final " + shlex.join(sys.argv[1:] if argv is None else argv)
     settings = FinalSettings.from_args(args, command)
-    check_target(settings.submission_path, settings.force)  # before loading or training
+    # The cheapest refusals first, before the data is loaded or anything trains.
+    check_target(settings.submission_path, settings.force)
+    check_writable(settings.out)
+    resolve_device(settings.device)
     archive, report = load_clean_archive(args.data)
     require_test_set(archive)
     print(report.summary())

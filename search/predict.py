@@ -18,7 +18,10 @@ from marsseg.calibrate import format_offsets
 from marsseg.cli import add_decoding_flags, run_cli
 from marsseg.data import load_archive
 from marsseg.data.synthetic import ensure_default_archive
+from marsseg.device import resolve_device
+from marsseg.fileio import check_output
 from marsseg.predict import check_target, load_ensemble, predict_submission, require_test_set
+from marsseg.submission import submission_bytes
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -39,9 +42,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    check_target(args.out, args.force)  # before loading anything: the cheapest refusal first
+    # Before loading anything: the cheapest refusals first.
+    check_target(args.out, args.force)
+    check_output(args.out, what="submission")
+    device = resolve_device(args.device)
     archive = load_archive(args.data or ensure_default_archive())
     require_test_set(archive)
+    need = submission_bytes(len(archive.test_images), args.out.suffix == ".gz")
+    check_output(args.out, need, what="submission")
     ensemble = load_ensemble(args.model)
     offsets = None if args.no_calibration else ensemble.offsets
     if ensemble.offsets is None:
@@ -56,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out,
         tta=not args.no_tta,
         metric_aware=not args.no_metric_aware,
-        device=args.device,
+        device=device,
         offsets=offsets,
         force=args.force,
     )

@@ -200,7 +200,11 @@ def _config_file_values(path: str) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown key {key!r} (known: {known})")
         flag = f"--{dest.replace('_', '-')}"
         if isinstance(DEFAULTS[dest], bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: {key} must be true or false, got {value!r}")
             argv += [flag] if value else []
+        elif isinstance(value, (list, dict)):
+            raise ConfigError(f"{path}: {key} must be a single value, got {value!r}")
         elif value is not None:
             argv += [flag, str(value)]
     try:
@@ -291,10 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     resumed = resume_if_asked(args, given, storage)
     settings = resumed.settings if resumed else settings
     space = get_space(settings.space)
+    base = resumed.base if resumed else base_config(args, settings)  # before loading data
     archive, provenance = load_data(args.data or settings.data, settings.limit_images)
     if resumed:
         resumed.check_data(provenance["data_checksum"], provenance["data"])
-    base = resumed.base if resumed else base_config(args, settings)
     resources, concurrent = plan_resources(args, settings, base, len(archive))
     if resumed:
         experiment, tuner = resumed, restore_tuner(resumed, archive, resources)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from marsseg.classes import IMAGE_HEIGHT, IMAGE_WIDTH
 from marsseg.cli import run_cli
 from marsseg.data import (
     class_statistics,
@@ -23,6 +24,9 @@ from marsseg.data import (
 )
 from marsseg.data.figures import plot_class_distribution, plot_samples
 from marsseg.data.split import contains_class
+from marsseg.data.synthetic import default_archive_path
+from marsseg.errors import ConfigError
+from marsseg.fileio import check_output, check_writable
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -65,6 +69,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def inspect(args: argparse.Namespace) -> None:
+    source = args.archive or default_archive_path()
+    out = check_writable(args.out or Path("results") / "inspect" / Path(source).stem)
     if args.archive is None:
         print("no archive given: using the synthetic default (generated on first use)")
     path = args.archive or ensure_default_archive()
@@ -82,7 +88,6 @@ def inspect(args: argparse.Namespace) -> None:
     print(f"\nclass statistics of the {len(clean)} cleaned training masks:")
     print(format_statistics(stats))
 
-    out = args.out or Path("results") / "inspect" / Path(path).stem
     rng = np.random.default_rng(args.seed)
     # Show big-rock images too: with ~2.5% of images holding one, a uniform draw often shows none.
     rocky = np.flatnonzero(contains_class(clean.masks))
@@ -102,9 +107,18 @@ def inspect(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "inspect" and args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    if args.command == "synth" and (args.n_train < 1 or args.n_test < 0):
+        raise ConfigError(
+            f"need --n-train >= 1 and --n-test >= 0, got {args.n_train}, {args.n_test}"
+        )
     if args.command == "inspect":
         inspect(args)
     else:
+        # uint8 images and masks, uncompressed: refuse a disk that cannot hold them up front.
+        need = (2 * args.n_train + args.n_test) * IMAGE_HEIGHT * IMAGE_WIDTH
+        check_output(args.out, need, what="archive")
         print(f"wrote {make_archive(args.out, args.n_train, args.n_test, args.seed)}")
     return 0
 

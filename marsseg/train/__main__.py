@@ -24,6 +24,8 @@ from marsseg.cli import run_cli
 from marsseg.config import PRESETS, TrainConfig, preset
 from marsseg.data import load_clean_archive
 from marsseg.data.synthetic import default_archive_path
+from marsseg.device import resolve_device
+from marsseg.fileio import check_writable
 from marsseg.predict import save_models
 from marsseg.train import EpochState, fit
 from marsseg.train.keys import IOU_KEYS
@@ -87,11 +89,13 @@ def epoch_line(metrics: dict[str, Any], max_epochs: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config, name = resolve_config(args)
+    # Everything that can refuse does so before the data is loaded or anything is written.
+    device = resolve_device(args.device)
+    out = check_writable(args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.data is None:
         print(f"no --data: using the synthetic archive {default_archive_path()}")
     archive, report = load_clean_archive(args.data)
     print(report.summary())
-    out = args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = out / CHECKPOINT
     resume = checkpoint if checkpoint.is_file() else None
     if resume:
@@ -117,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             archive,
             on_epoch=on_epoch,
             checkpoint=resume,
-            device=args.device,
+            device=device,
             num_threads=args.threads,
             workers=args.workers,
         )
