@@ -31,7 +31,7 @@ from marsseg.config import TrainConfig
 from marsseg.errors import ConfigError, SearchError
 from marsseg.fileio import atomic_path
 from search.asha import ASHA_STATE
-from search.storage import Storage, download_files, upload_files
+from search.storage import Storage, delete_folder, download_files, upload_files
 
 BASE_CONFIG = "base_config.yaml"
 """What the space does not sample, with the data's provenance; saved at start."""
@@ -43,6 +43,8 @@ BEST_CONFIG = "best_config.yaml"
 TIMELINE = "timeline.csv"
 DRIVER_FILES = (BASE_CONFIG, SETTINGS, STUDY_FILE, LEADERBOARD, BEST_CONFIG, TIMELINE, ASHA_STATE)
 """What the driver writes beside the trials, and uploads when the storage is shared."""
+LOCK_FILE = "driver.lock"
+"""Held by the driver running the experiment (see `search.lock`); never uploaded."""
 SAMPLERS = ("tpe", "random")
 """Optuna samplers: random is the baseline `benchmarks.search_efficiency` compares TPE with."""
 SCHEDULERS = ("asha", "fifo")
@@ -151,7 +153,7 @@ class Experiment:
     def driver(self) -> Path:
         """The driver's files: the experiment folder, or `experiments/<name>` under the working
         directory when the storage is shared (relative on purpose; see the module doc)."""
-        return Path("experiments") / self.name if self.storage.shared else Path(self.uri)
+        return driver_folder(self.storage, self.name)
 
     @property
     def study_url(self) -> str:
@@ -172,10 +174,21 @@ class Experiment:
     def new(
         cls, storage: Storage, name: str, base: TrainConfig, settings: SearchSettings
     ) -> Experiment:
-        """Start an experiment: save its base config and settings (and upload them)."""
+        """Start an experiment: save its base config and settings (and upload them).
+
+        Driver files already there are what a start that never ran a trial left (Tune had
+        nothing to resume): they are removed, with one line saying so, so that the new search
+        does not continue that start's study or rungs."""
         experiment = cls(name, storage, base, settings)
         experiment.driver.mkdir(parents=True, exist_ok=True)
-        (experiment.driver / ASHA_STATE).unlink(missing_ok=True)  # a failed start's rungs
+        left = [f for f in DRIVER_FILES if (experiment.driver / f).is_file()]
+        for file in left:
+            (experiment.driver / file).unlink()
+        if left:
+            print(
+                f"experiment {name}: starting afresh; removed {', '.join(left)} left by an "
+                "earlier start that ran no trial"
+            )
         base.save(experiment.driver / BASE_CONFIG)
         settings.save(experiment.driver / SETTINGS)
         experiment.sync()
@@ -228,6 +241,14 @@ class Experiment:
                 "the same archive, or start a new experiment"
             )
 
+    def discard(self) -> None:
+        """Remove the experiment (its driver files and Tune's folder, but not the driver's
+        lock): what `search.run` does when a new search fails before its first trial, so that
+        nothing is left for a rerun to mistake for a search to resume."""
+        for file in DRIVER_FILES:
+            (self.driver / file).unlink(missing_ok=True)
+        delete_folder(self.uri, keep=(LOCK_FILE,))
+
     def sync(self) -> None:
         """Upload the driver's files to the experiment's storage (shared storage only)."""
         if self.storage.shared:
@@ -237,6 +258,11 @@ class Experiment:
         """A picklable callable that uploads the driver files, for the searcher to call each
         time Tune saves the experiment's state (None when nothing needs uploading)."""
         return DriverSync(self.driver, self.uri) if self.storage.shared else None
+
+
+def driver_folder(storage: Storage, name: str) -> Path:
+    """The driver folder of experiment `name` in `storage` (see `Experiment.driver`)."""
+    return Path("experiments") / name if storage.shared else Path(storage.experiment(name))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,13 @@ from marsseg.errors import SearchError
 from marsseg.fileio import check_writable
 from marsseg.models import list_models
 from search.experiment import BEST_CONFIG, LEADERBOARD, TIMELINE, Experiment
-from search.results import TrialSummary, leaderboard, rank_trials, with_provenance
+from search.results import (
+    TrialSummary,
+    leaderboard,
+    rank_trials,
+    with_provenance,
+    write_leaderboard,
+)
 from search.timeline import read_timeline, summarise_timeline
 
 SUMMARY_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "epochs", "best_epoch", "val_miou"]
@@ -78,7 +84,7 @@ def export(
         paths.append(config.save(out / f"top-{rank:02d}-{summary.trial_id}.yaml"))
         if rank == 1:
             config.save(out / BEST_CONFIG)
-    leaderboard(summaries).to_csv(out / LEADERBOARD, index=False)
+    write_leaderboard(summaries, out / LEADERBOARD)
     timeline = experiment.driver / TIMELINE
     if timeline.is_file():
         shutil.copyfile(timeline, out / TIMELINE)

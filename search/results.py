@@ -13,17 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from ray.tune import ResultGrid
+from ray.tune import Callback, Result, ResultGrid
+from ray.tune.experiment import Trial
 
 import marsseg
 from marsseg.config import TrainConfig
+from marsseg.fileio import atomic_path
 from marsseg.report import describe_augment, describe_loss, describe_schedule
 from marsseg.train.keys import EPOCH, FINISHED, IOU_KEYS, VAL_MIOU
-from search.experiment import Experiment
+from search.experiment import LEADERBOARD, Experiment
 from spaces import params_to_config
 
 OBJECTIVE = VAL_MIOU
 """What the search maximises, ASHA compares and the leaderboard ranks by."""
+LIVE_WRITE_S = 5.0
+"""`LiveLeaderboard` rewrites `leaderboard.csv` at most this often while results arrive (and
+whenever a trial ends)."""
+KEPT_KEYS = (EPOCH, FINISHED, OBJECTIVE, *IOU_KEYS.values(), "time_total_s", "hostname", "node_id")
+"""What `LiveLeaderboard` keeps of each result: what `summarise_trial` reads."""
 
 
 @dataclass(frozen=True)
@@ -50,26 +57,67 @@ def rank_trials(results: ResultGrid, base: TrainConfig) -> list[TrialSummary]:
     """One summary per trial that reported at least one epoch, best val mIoU first."""
     summaries = []
     for result in results:
-        history = result.metrics_dataframe
-        if history is None or OBJECTIVE not in history or history[OBJECTIVE].isna().all():
-            continue
-        best = history.loc[history[OBJECTIVE].idxmax()]
         last = result.metrics or {}
         status = "error" if result.error else "complete" if last.get(FINISHED) else "stopped"
-        summaries.append(
-            TrialSummary(
-                trial_id=str(last.get("trial_id", Path(result.path).name)),
-                config=params_to_config(result.config, base),
-                status=status,
-                epochs=int(history[EPOCH].max()),
-                best_epoch=int(best[EPOCH]),
-                scores={key: float(best[key]) for key in (OBJECTIVE, *IOU_KEYS.values())},
-                time_s=float(last.get("time_total_s", 0.0)),
-                node=str(last.get("hostname", "")),
-                node_ids=_nodes_in_order(history),
-            )
+        summary = summarise_trial(
+            _trial_id(result), result.config, base, result.metrics_dataframe, last, status
         )
+        if summary is not None:
+            summaries.append(summary)
+    return best_first(summaries)
+
+
+def summarise_trial(
+    trial_id: str,
+    params: dict[str, Any],
+    base: TrainConfig,
+    history: pd.DataFrame | None,
+    last: dict[str, Any],
+    status: str,
+) -> TrialSummary | None:
+    """A trial's summary from its per-epoch results (None before it reported a score)."""
+    if history is None or OBJECTIVE not in history or history[OBJECTIVE].isna().all():
+        return None
+    best = history.loc[history[OBJECTIVE].idxmax()]
+    return TrialSummary(
+        trial_id=trial_id,
+        config=params_to_config(params, base),
+        status=status,
+        epochs=int(history[EPOCH].max()),
+        best_epoch=int(best[EPOCH]),
+        scores={key: float(best[key]) for key in (OBJECTIVE, *IOU_KEYS.values())},
+        time_s=float(last.get("time_total_s", 0.0)),
+        node=str(last.get("hostname", "")),
+        node_ids=_nodes_in_order(history),
+    )
+
+
+def best_first(summaries: list[TrialSummary]) -> list[TrialSummary]:
     return sorted(summaries, key=lambda s: s.scores[OBJECTIVE], reverse=True)
+
+
+def _trial_id(result: Result) -> str:
+    return str((result.metrics or {}).get("trial_id", Path(result.path).name))
+
+
+@dataclass(frozen=True)
+class TrialError:
+    """A trial that ended in an error, and the first line of that error."""
+
+    trial_id: str
+    message: str
+
+
+def trial_errors(results: ResultGrid) -> list[TrialError]:
+    """The trials that errored (after their retries), in Tune's order."""
+    return [TrialError(_trial_id(r), first_line(r.error)) for r in results if r.error]
+
+
+def first_line(error: BaseException) -> str:
+    """`Kind: first line` of the error a trial raised (not of Ray's wrapper around it)."""
+    cause = getattr(error, "cause", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
 def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
@@ -99,6 +147,15 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def write_leaderboard(summaries: list[TrialSummary], path: Path) -> pd.DataFrame:
+    """Write the leaderboard of `summaries` to `path` in one step (a reader never sees half of
+    it) and return it."""
+    table = leaderboard(summaries)
+    with atomic_path(path) as temp:
+        table.to_csv(temp, index=False)
+    return table
 
 
 def _nodes_in_order(history: pd.DataFrame) -> tuple[str, ...]:
@@ -146,3 +203,56 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return marsseg.__version__
     return f"{marsseg.__version__}+{commit}"
+
+
+class LiveLeaderboard(Callback):
+    """Rewrites the driver folder's `leaderboard.csv` as results arrive (the end of the search
+    writes it once more from Tune's results); stateful, so a resumed search keeps the trials
+    ranked before the interruption. A trial still training has status `running`."""
+
+    def __init__(self, folder: Path, base: TrainConfig) -> None:
+        self.folder = Path(folder)
+        self.base = base
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        self.params: dict[str, dict[str, Any]] = {}
+        self.ended: dict[str, str] = {}  # trial -> "stopped" or "error"
+        self.written = 0.0  # time of the last write
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
+        kept = {key: result[key] for key in KEPT_KEYS if key in result}
+        self.history.setdefault(trial.trial_id, []).append(kept)
+        self.params[trial.trial_id] = dict(trial.config)
+        self.ended.pop(trial.trial_id, None)  # a retried trial runs again
+        if time.time() - self.written >= LIVE_WRITE_S:
+            self.write()
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info):
+        self.ended[trial.trial_id] = "stopped"
+        self.write()
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info):
+        self.ended[trial.trial_id] = "error"
+        self.write()
+
+    def write(self) -> None:
+        summaries = []
+        for trial_id, rows in self.history.items():
+            last = rows[-1]
+            status = self.ended.get(trial_id, "running")
+            if status == "stopped" and last.get(FINISHED):
+                status = "complete"
+            params = self.params[trial_id]
+            summary = summarise_trial(trial_id, params, self.base, pd.DataFrame(rows), last, status)
+            if summary is not None:
+                summaries.append(summary)
+        if summaries:
+            write_leaderboard(best_first(summaries), self.folder / LEADERBOARD)
+        self.written = time.time()
+
+    def get_state(self) -> dict[str, Any]:
+        return {"history": self.history, "params": self.params, "ended": self.ended}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.history, self.params, self.ended = state["history"], state["params"], state["ended"]

@@ -11,7 +11,8 @@ experiment folder: `leaderboard.csv`, `best_config.yaml` (a training config with
 epoch's result arrived; see `search.timeline`) and the trials' TensorBoard files
 (`tensorboard --logdir <experiment>`).
 Re-running with the same `--name` (or `--resume`) continues an interrupted experiment with its
-saved settings, base config and data.
+saved settings, base config and data. One driver runs an experiment at a time (`search.lock`);
+a search whose trials all fail, or more than `MAX_ERRORED_SHARE` of them, exits non-zero.
 """
 
 from __future__ import annotations
@@ -44,22 +45,36 @@ from search.capacity import (
 from search.experiment import (
     BEST_CONFIG,
     LEADERBOARD,
+    LOCK_FILE,
     SAMPLERS,
     SCHEDULERS,
     STUDY_FILE,
     TIMELINE,
     Experiment,
     SearchSettings,
+    driver_folder,
 )
+from search.lock import DriverLock
 from search.packing import check_gpu_packing
-from search.results import OBJECTIVE, leaderboard, rank_trials, with_provenance
+from search.results import (
+    OBJECTIVE,
+    TrialError,
+    TrialSummary,
+    rank_trials,
+    trial_errors,
+    with_provenance,
+    write_leaderboard,
+)
 from search.storage import Storage, check_shared_storage, check_storage
 from search.timeline import read_timeline, summarise_timeline
-from search.tuner import TrialResources, new_tuner, restore_tuner
-from spaces import SPACE_NAMES, get_space
+from search.tuner import TrialResources, TrialStarts, new_tuner, restore_tuner
+from spaces import SPACE_NAMES, SearchSpace, get_space
 
 SYNTHETIC_IMAGES = 256
 """Images the no-flag run trains on (of the synthetic default's 2505), so it takes minutes."""
+MAX_ERRORED_SHARE = 0.5
+"""A search in which more than this share of the trials errored (after their retries) exits
+non-zero, as does one in which no trial reported a result."""
 SHOWN_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "oversample", "epochs", OBJECTIVE]
 RUN_DEFAULTS: dict[str, Any] = {
     "config": None,
@@ -70,6 +85,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "storage": "experiments",
     "name": None,
     "resume": False,
+    "break_lock": False,
     "checkpoint_every": 1,
     "final": False,
     "final_arch": "marsseg",
@@ -141,6 +157,12 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     )
     _flag(parser, "--name", "experiment name (default: <space>-<time>); reuse it to resume")
     _flag(parser, "--resume", "continue the experiment --name (must exist)", action="store_true")
+    _flag(
+        parser,
+        "--break-lock",
+        "take over the experiment's lock from a driver on another host that is gone",
+        action="store_true",
+    )
 
 
 def _resource_flags(parser: argparse.ArgumentParser) -> None:
@@ -248,8 +270,6 @@ def resume_if_asked(
 ) -> Experiment | None:
     """The experiment `--name` continues, if it exists; its saved settings win over the flags,
     and the flags they override are named."""
-    if args.resume and not args.name:
-        raise ConfigError("--resume needs --name of the experiment to continue")
     uri = storage.experiment(args.name) if args.name else None
     if uri is None or not tune.Tuner.can_restore(uri):
         if args.resume:
@@ -292,6 +312,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, given = parse_args(argv)
     settings = settings_from(args)  # checks the flags, also where a resume then ignores them
     storage = check_storage(args.storage)
+    if args.resume and not args.name:
+        raise ConfigError("--resume needs --name of the experiment to continue")
+    name = args.name or f"{settings.space}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Held until the search (and --final) ends: a second driver on `name` is refused.
+    with DriverLock(driver_folder(storage, name) / LOCK_FILE, name, args.break_lock):
+        experiment, results = run_search(args, given, settings, storage, name)
+        report(results, experiment)
+        if args.final:
+            run_final(args, experiment)
+    return 0
+
+
+def run_search(
+    args: argparse.Namespace,
+    given: dict[str, Any],
+    settings: SearchSettings,
+    storage: Storage,
+    name: str,
+) -> tuple[Experiment, ResultGrid]:
+    """Resume the experiment `name` or start it, and run its trials to the end."""
     resumed = resume_if_asked(args, given, storage)
     settings = resumed.settings if resumed else settings
     space = get_space(settings.space)
@@ -301,17 +341,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         resumed.check_data(provenance["data_checksum"], provenance["data"])
     resources, concurrent = plan_resources(args, settings, base, len(archive))
     if resumed:
-        experiment, tuner = resumed, restore_tuner(resumed, archive, resources)
-    else:
-        name = args.name or f"{settings.space}-{time.strftime('%Y%m%d-%H%M%S')}"
-        settings = dataclasses.replace(settings, max_concurrent=concurrent)
-        base = base.replace(provenance={**provenance, "space": settings.space})
-        experiment = Experiment.new(storage, name, base, settings)
-        tuner = new_tuner(experiment, space, archive, resources)
-    report(tuner.fit(), experiment)
-    if args.final:
-        run_final(args, experiment)
-    return 0
+        return resumed, restore_tuner(resumed, archive, resources).fit()
+    settings = dataclasses.replace(settings, max_concurrent=concurrent)
+    base = base.replace(provenance={**provenance, "space": settings.space})
+    experiment = Experiment.new(storage, name, base, settings)
+    return experiment, fit_new(experiment, space, archive, resources)
+
+
+def fit_new(
+    experiment: Experiment, space: SearchSpace, archive: MarsArchive, resources: TrialResources
+) -> ResultGrid:
+    """Run a new search; if it fails (or ends) before its first trial started, remove the
+    experiment, so that a rerun with its name starts it afresh instead of resuming nothing."""
+    starts = TrialStarts()
+    try:
+        results = new_tuner(experiment, space, archive, resources, callbacks=[starts]).fit()
+    except BaseException:
+        if not starts.count:
+            experiment.discard()
+            print(f"search: failed before its first trial; removed experiment {experiment.uri}")
+        raise
+    if not starts.count:
+        experiment.discard()
+        raise SearchError(
+            f"no trial of experiment {experiment.name} started; removed it (a rerun with "
+            "--name starts it afresh)"
+        )
+    return results
 
 
 def run_final(args: argparse.Namespace, experiment: Experiment) -> None:
@@ -339,26 +395,61 @@ def run_final(args: argparse.Namespace, experiment: Experiment) -> None:
 
 
 def report(results: ResultGrid, experiment: Experiment) -> None:
-    """Print the leaderboard and the timeline's summary; write leaderboard.csv and
-    best_config.yaml beside the study, and upload the driver's files."""
+    """Print the leaderboard, the errored trials, what to do next and the timeline's summary;
+    write leaderboard.csv and best_config.yaml beside the study, and upload the driver's files.
+    Then fail (one line) if no trial reported a result or too many errored."""
     folder = experiment.driver
     summaries = rank_trials(results, experiment.base)
+    errors = trial_errors(results)
     if summaries:
-        table = leaderboard(summaries)
+        table = write_leaderboard(summaries, folder / LEADERBOARD)
         shown = SHOWN_COLUMNS + [c for c in table if c.startswith("val_iou")]
         print("\n" + table[shown].to_string(index=False))
-        table.to_csv(folder / LEADERBOARD, index=False)
         with_provenance(summaries[0], experiment).save(folder / BEST_CONFIG)
         print(
             f"\nwrote {folder / LEADERBOARD} and {folder / BEST_CONFIG} ({summaries[0].trial_id})"
         )
         print(f"watch it: tensorboard --logdir {experiment.uri}")
         print(f"          optuna-dashboard sqlite:///{folder / STUDY_FILE}")
+        print_next_steps(experiment, summaries)
     else:
         print(f"no trial reported a result; see the trial logs under {experiment.uri}")
+    for error in errors:
+        print(f"errored: trial {error.trial_id}: {error.message}")
     if (folder / TIMELINE).is_file():
         print(summarise_timeline(read_timeline(folder / TIMELINE)).line())
     experiment.sync()
+    check_outcome(experiment, len(results), summaries, errors)
+
+
+def print_next_steps(experiment: Experiment, summaries: list[TrialSummary]) -> None:
+    """The commands that take the search's pick on: export it, train it for real."""
+    any_arch = "" if any(s.config.model.name == "marsseg" for s in summaries) else " --arch any"
+    data = f" --data {experiment.settings.data}" if experiment.settings.data else ""
+    best = experiment.results / BEST_CONFIG
+    print(f"next:     python -m search.export {experiment.uri}{any_arch}")
+    print(f"          python -m search.final --config {best}{data}")
+
+
+def check_outcome(
+    experiment: Experiment, trials: int, summaries: list[TrialSummary], errors: list[TrialError]
+) -> None:
+    """Refuse, in one line naming the errored trials, a search no trial of which reported a
+    result or more than `MAX_ERRORED_SHARE` of whose trials errored."""
+    named = (
+        f"{', '.join(e.trial_id for e in errors)} (first: {errors[0].message})" if errors else ""
+    )
+    if not summaries:
+        errored = f"; {len(errors)} errored: {named}" if errors else ""
+        raise SearchError(
+            f"no trial of experiment {experiment.name} reported a result{errored}; see the "
+            f"trial logs under {experiment.uri}"
+        )
+    if len(errors) > MAX_ERRORED_SHARE * trials:
+        raise SearchError(
+            f"{len(errors)} of {trials} trials of experiment {experiment.name} errored, more "
+            f"than {MAX_ERRORED_SHARE:.0%}: {named}"
+        )
 
 
 if __name__ == "__main__":

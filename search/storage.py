@@ -164,6 +164,21 @@ def download_files(target: str, names: Iterable[str], folder: Path) -> list[str]
     return fetched
 
 
+def delete_folder(target: str, keep: Iterable[str] = ()) -> None:
+    """Delete what the folder or URI `target` holds, except the entries named in `keep`; a
+    missing folder is nothing to delete."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(target)
+    for entry in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        if entry.base_name in keep:
+            continue
+        if entry.type == pyarrow.fs.FileType.Directory:
+            fs.delete_dir(entry.path)
+        else:
+            fs.delete_file(entry.path)
+
+
 def _sqlite_snapshot(source: Path, copy: Path) -> Path:
     with (
         contextlib.closing(sqlite3.connect(source)) as db,

@@ -6,8 +6,9 @@ and checkpoint to the driver, the driver's bookkeeping) is invisible in the tria
 metrics, and on a GPU where an epoch takes seconds it can rival the training. The callback
 runs on the driver and stamps every event with the driver's clock; each result carries its
 epoch's training + validation time (`epoch_time_s`, measured in the trial), so what lies
-between two results beyond that epoch is overhead. At the end of the experiment (also after
-an interruption) it writes `timeline.csv` into the driver folder; `read_timeline` and
+between two results beyond that epoch is overhead. It rewrites `timeline.csv` in the driver
+folder as events arrive (at most every `WRITE_EVERY_S`, and whenever a trial ends) and at the
+end of the experiment (also after an interruption), each time in one step; `read_timeline` and
 `summarise_timeline` turn it into the figures `search.run` prints and the benchmarks tabulate.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from marsseg.fileio import atomic_path
 from marsseg.train.keys import EPOCH, EPOCH_TIME_S
 from search.experiment import TIMELINE
 from search.results import OBJECTIVE
@@ -45,6 +47,8 @@ one; `slots` = trials it could run at once), start (Tune started the trial's act
 one), result (an epoch's report arrived), stop (the trial ended: complete, stopped or error).
 `t_s`: seconds since the first session began. Result rows carry the trial-side times (see
 `search.trainable`) and the epoch's `score` (val mIoU)."""
+WRITE_EVERY_S = 5.0
+"""How often, at most, a running search rewrites `timeline.csv` (a trial's end always does)."""
 
 
 class Timeline(Callback):
@@ -57,6 +61,7 @@ class Timeline(Callback):
         self.rows: list[dict[str, Any]] = []
         self.origin: float | None = None  # wall-clock time of the first session's begin
         self.session = -1
+        self.written = 0.0  # time of the last write
 
     def _add(self, event: str, trial: str = "", **values: Any) -> None:
         now = time.time()
@@ -64,6 +69,9 @@ class Timeline(Callback):
             self.origin = now
         row = {"session": self.session, "event": event, "trial": trial, "t_s": now - self.origin}
         self.rows.append(row | values)
+        if event in ("stop", "end") or now - self.written >= WRITE_EVERY_S:
+            write_timeline(self.rows, self.folder / TIMELINE)
+            self.written = now
 
     def setup(self, **info: Any) -> None:
         self.session += 1
@@ -99,7 +107,6 @@ class Timeline(Callback):
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self._add("end")
-        write_timeline(self.rows, self.folder / TIMELINE)
 
     def get_state(self) -> dict[str, Any]:
         return {"rows": self.rows, "origin": self.origin, "session": self.session}
@@ -109,8 +116,8 @@ class Timeline(Callback):
 
 
 def write_timeline(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    """Write `rows` to `path` in one step: a reader sees the old file or the new one."""
+    with atomic_path(path) as temp, open(temp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(rows)

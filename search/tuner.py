@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from ray import tune
+from ray.tune import Callback
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from marsseg.data import MarsArchive
@@ -14,7 +18,7 @@ from marsseg.train.keys import EPOCH, VAL_MIOU_BEST
 from search.asha import ASHA_STATE, ResumableASHA
 from search.experiment import SAMPLERS, SCHEDULERS, Experiment
 from search.optuna_searcher import PruningOptunaSearch
-from search.results import OBJECTIVE
+from search.results import OBJECTIVE, LiveLeaderboard
 from search.timeline import Timeline
 from search.trainable import train_trial
 from spaces import SearchSpace
@@ -54,14 +58,35 @@ def _trainable(
     return tune.with_resources(with_data, {"cpu": resources.cpus, "gpu": resources.gpus})
 
 
+class TrialStarts(Callback):
+    """Counts the trials Tune started in this run (for `search.run`: did the search start?)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_trial_start(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        self.count += 1
+
+
 def new_tuner(
-    experiment: Experiment, space: SearchSpace, archive: MarsArchive, resources: TrialResources
+    experiment: Experiment,
+    space: SearchSpace,
+    archive: MarsArchive,
+    resources: TrialResources,
+    callbacks: Sequence[Callback] = (),
 ) -> tune.Tuner:
     """A new search of `experiment` (its settings say how) over `space`.
 
     A finished trial's actor (its process, imports and CUDA context) runs the next trial unless
-    `no_reuse_actors` (see `benchmarks/ray_overhead.py`)."""
+    `no_reuse_actors` (see `benchmarks/ray_overhead.py`). Besides `callbacks`, the timeline and
+    the live leaderboard record the search in the driver folder as it runs."""
     settings = experiment.settings
+    recorders = [
+        Timeline(experiment.driver, slots=settings.max_concurrent or 1),
+        LiveLeaderboard(experiment.driver, experiment.base),
+    ]
     return tune.Tuner(
         _trainable(experiment, archive, resources),
         tune_config=tune.TuneConfig(
@@ -85,7 +110,7 @@ def new_tuner(
             # The trials' own files (TensorBoard image panels) live in their working folders on
             # whichever node ran them; this uploads them beside the checkpoints.
             sync_config=tune.SyncConfig(sync_artifacts=True),
-            callbacks=[Timeline(experiment.driver, slots=settings.max_concurrent or 1)],
+            callbacks=[*recorders, *callbacks],
             verbose=1,
         ),
     )

@@ -19,3 +19,10 @@ TINY_UNET = {ARCH: "unet", "unet.depth": 2, "unet.base_channels": 8}
 def space(trial: optuna.Trial) -> dict[str, Any]:
     suggest_training(trial)
     return dict(TINY_UNET)
+
+
+def failing(trial: optuna.Trial) -> dict[str, Any]:
+    """A space every trial of which fails in the trainable: the driver samples a knob the tiny
+    U-Net does not have, and building the trial's config refuses it."""
+    suggest_training(trial)
+    return {**TINY_UNET, "unet.no_such_knob": 1}
