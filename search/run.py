@@ -311,6 +311,7 @@ def plan_resources(
 def main(argv: Sequence[str] | None = None) -> int:
     args, given = parse_args(argv)
     settings = settings_from(args)  # checks the flags, also where a resume then ignores them
+    get_space(settings.space)  # an unknown space is refused before storage is touched
     storage = check_storage(args.storage)
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name of the experiment to continue")
