@@ -13,6 +13,12 @@ class DataError(MarsSegError):
     """An archive, array or prediction that does not match the challenge's format."""
 
 
+class CheckpointError(DataError):
+    """A checkpoint file that cannot be read: truncated, corrupt, or not a checkpoint at all.
+
+    Resuming code catches it and falls back to an older checkpoint or a fresh start."""
+
+
 class ConfigError(MarsSegError):
     """A configuration field with an unknown name or an invalid value."""
 

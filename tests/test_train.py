@@ -12,12 +12,13 @@ from train_helpers import resumed_after, without_timing
 from marsseg.config import TrainConfig
 from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
-from marsseg.errors import ConfigError
+from marsseg.errors import CheckpointError, ConfigError
 from marsseg.losses import CombinedLoss
 from marsseg.metrics import score_masks
 from marsseg.predict import load_models, predict_masks
 from marsseg.train import EPOCH_METRICS, evaluate, fit, prepare_data
 from marsseg.train.__main__ import main as train_main
+from marsseg.train.state import read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +181,52 @@ def test_deep_supervision_adds_the_coarse_stages_loss(small_archive, tmp_path):
         )
         losses.append(run(config, small_archive, tmp_path)[1][0]["train_loss"])
     assert losses[1] > losses[0]
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_cli_falls_back_past_a_damaged_checkpoint_then_to_scratch(tmp_path, capsys):
+    """checkpoint.pt unreadable: the rerun resumes from checkpoint.prev.pt (the epoch before),
+    saying so; both unreadable: it starts from scratch, saying so."""
+    from marsseg.data import save_archive
+
+    s = generate(n_train=64, n_test=4, seed=4)
+    archive = save_archive(tmp_path / "small.npz", s.training_set, s.test_set)
+    small_config(max_epochs=2).save(tmp_path / "small.yaml")
+    out = tmp_path / "run"
+    args = ["--config", str(tmp_path / "small.yaml"), "--data", str(archive), "--out", str(out)]
+    args += ["--threads", "2"]
+    assert train_main(args) == 0
+    capsys.readouterr()
+    latest, previous = out / "checkpoint.pt", out / "checkpoint.prev.pt"
+    assert torch.load(previous, weights_only=True)["epoch"] == 1
+    _truncate(latest)
+    assert train_main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"checkpoint {latest} cannot be read" in printed
+    assert f"resumed from the older checkpoint {previous} (epoch 1)" in printed
+    assert "epoch   2/2" in printed and "epoch   1/2" not in printed
+    assert torch.load(latest, weights_only=True)["epoch"] == 2  # the damaged file is replaced
+    assert torch.load(previous, weights_only=True)["epoch"] == 1
+
+    _truncate(latest)
+    _truncate(previous)
+    assert train_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "no readable checkpoint (2 damaged): starting from scratch" in printed
+    assert "epoch   1/2" in printed and "epoch   2/2" in printed
+    assert torch.load(latest, weights_only=True)["epoch"] == 2
+    assert torch.load(previous, weights_only=True)["epoch"] == 1
+
+
+def test_loading_a_damaged_checkpoint_names_the_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} cannot be read"):
+        read_checkpoint(path)
+    torch.save({"epoch": 3}, path)
+    with pytest.raises(CheckpointError, match="lacks config, model"):
+        read_checkpoint(path)

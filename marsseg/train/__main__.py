@@ -4,8 +4,10 @@
     python -m marsseg.train --config best_config.yaml --data mars_for_students.npz --out runs/best
 
 The folder gets `config.yaml` (the resolved config), `metrics.csv` (one row per epoch),
-`checkpoint.pt` (the latest full state: rerunning the same command resumes from it) and
-`model.pt` (the best weights with their config, loadable with `weights_only=True`).
+`checkpoint.pt` (the latest full state: rerunning the same command resumes from it),
+`checkpoint.prev.pt` (the one before: a rerun whose latest cannot be read resumes from this one,
+or starts afresh when neither can, printing which) and `model.pt` (the best weights with their
+config, loadable with `weights_only=True`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from marsseg.train import EpochState, fit
 from marsseg.train.keys import IOU_KEYS
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 MODEL = "model.pt"
 
 
@@ -96,15 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no --data: using the synthetic archive {default_archive_path()}")
     archive, report = load_clean_archive(args.data)
     print(report.summary())
-    checkpoint = out / CHECKPOINT
-    resume = checkpoint if checkpoint.is_file() else None
+    checkpoint, previous = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+    resume = [path for path in (checkpoint, previous) if path.is_file()]  # newest first
     if resume:
-        print(f"resuming from {resume}")  # fit checks that its config is this one
+        # fit checks that its config is this one, and falls back past an unreadable file
+        print(f"resuming from {resume[0]}")
     else:
         config.save(out / "config.yaml")
     print(f"training {config.model.name} for up to {config.max_epochs} epochs -> {out}")
 
     bar = tqdm(total=config.max_epochs, unit="epoch", dynamic_ncols=True)
+    saved = []  # this run's checkpoints
 
     def on_epoch(metrics: dict[str, Any], state: EpochState) -> None:
         bar.update(metrics["epoch"] - bar.n)
@@ -113,14 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         bar.write(epoch_line(metrics, config.max_epochs))
         pd.DataFrame(state.history).to_csv(out / "metrics.csv", index=False)
-        state.save(checkpoint)
+        # Keep the one before as the previous checkpoint, unless it is an unreadable one that
+        # this run fell back past (or started afresh without): that one is just replaced.
+        keep = bool(saved) or state.resumed_from == checkpoint
+        saved.append(state.save(checkpoint, previous=previous if keep else None))
 
     with bar:
         result = fit(
             config,
             archive,
             on_epoch=on_epoch,
-            checkpoint=resume,
+            checkpoint=resume or None,
             device=device,
             num_threads=args.threads,
             workers=args.workers,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,7 @@ def fit(
     data: MarsArchive | PreparedData,
     *,
     on_epoch: OnEpoch | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
     device: str | torch.device | None = None,
     num_threads: int | None = None,
     workers: int = 0,
@@ -79,10 +79,13 @@ def fit(
 ) -> FitResult:
     """Train `config` on `data` (a cleaned archive, or data already prepared for this config).
 
-    `checkpoint` resumes from a file written by `EpochState.save`. `num_threads` caps torch's
-    CPU threads (a Ray trial passes its CPU share); `workers` is the number of DataLoader
-    processes for online augmentation. `channels_last` stores the model and training batches
-    NHWC (None: on CUDA only, where cudnn's tensor-core kernels want it); a benchmark switch.
+    `checkpoint` resumes from a file written by `EpochState.save`, or from the newest readable
+    one of several (newest first; see `EpochState.load_newest`): a damaged file is skipped with
+    a printed line, and when none can be read the run starts fresh, saying so. `num_threads`
+    caps torch's CPU threads (a Ray trial passes its CPU share); `workers` is the number of
+    DataLoader processes for online augmentation. `channels_last` stores the model and training
+    batches NHWC (None: on CUDA only, where cudnn's tensor-core kernels want it); a benchmark
+    switch.
     """
     device = resolve_device(device)
     if num_threads:
@@ -108,7 +111,8 @@ def fit(
     ema = build_ema(model, config.ema_decay)
     state = EpochState(config, model, optimizer, scheduler, ema=ema)
     if checkpoint is not None:
-        state.load(checkpoint)
+        single = isinstance(checkpoint, (str, os.PathLike))
+        state.load_newest([checkpoint] if single else checkpoint)
     after_step = _step_hook(model, scheduler if config.scheduler.per_batch else None, ema)
     step_model = torch.compile(model) if config.compile and cuda else model
     weights = data.class_weights.to(device) if data.class_weights is not None else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from marsseg.config import TrainConfig
-from marsseg.errors import ConfigError
+from marsseg.errors import CheckpointError, ConfigError
 from marsseg.fileio import atomic_path
 from marsseg.train.schedule import Scheduler
 
@@ -33,6 +35,8 @@ class EpochState:
     bad_epochs: int = 0
     best_weights: dict[str, Tensor] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: Path | None = None
+    """The checkpoint `load_newest` restored (None: a fresh start); not saved in checkpoints."""
 
     @property
     def eval_model(self) -> nn.Module:
@@ -55,15 +59,25 @@ class EpochState:
             "rng": _rng_states(),
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the checkpoint atomically (temp file, then rename): never a half-written file."""
+    def save(self, path: str | os.PathLike, previous: str | os.PathLike | None = None) -> Path:
+        """Write the checkpoint atomically (temp file, then rename): never a half-written file.
+
+        With `previous`, the file already at `path` is renamed there once the new one is fully
+        written, just before the new one takes its place: the two newest checkpoints are kept,
+        and a crash between the renames leaves the older one readable at `previous`."""
+        path = Path(path)
         with atomic_path(path) as temp:
             torch.save(self.state_dict(), temp)
-        return Path(path)
+            if previous is not None and path.exists():
+                os.replace(path, previous)
+        return path
 
     def load(self, path: str | os.PathLike) -> None:
-        """Restore everything from a checkpoint written by `save` (tensors and plain data only)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        """Restore everything from a checkpoint written by `save` (tensors and plain data only).
+
+        A file that cannot be read raises `CheckpointError` before anything is restored; one
+        written by another config raises `ConfigError`."""
+        state = read_checkpoint(path)
         if TrainConfig.from_dict(state["config"]) != self.config:
             raise ConfigError(f"checkpoint {path} was written by a run with another config")
         self.model.load_state_dict(state["model"])
@@ -76,6 +90,64 @@ class EpochState:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def load_newest(
+        self, paths: Iterable[str | os.PathLike], say: Callable[[str], None] = print
+    ) -> Path | None:
+        """Restore the first readable checkpoint of `paths` (newest first) and return its path.
+
+        Each unreadable one is skipped with a line through `say` (so a damaged file is read
+        once, never resumed from); when none can be read, the state stays fresh, saying so.
+        `paths` may be lazy (a generator that downloads each candidate when it is reached).
+        """
+        damaged = 0
+        for path in paths:
+            try:
+                self.load(path)
+            except CheckpointError as error:
+                damaged += 1
+                say(f"{error}; falling back to an older checkpoint")
+                continue
+            if damaged:
+                say(f"resumed from the older checkpoint {path} (epoch {self.epoch})")
+            self.resumed_from = Path(path)
+            return self.resumed_from
+        if damaged:
+            say(f"no readable checkpoint ({damaged} damaged): starting from scratch")
+        return None
+
+
+CHECKPOINT_KEYS = (
+    "config",
+    "model",
+    "optimizer",
+    "scheduler",
+    "ema",
+    "epoch",
+    "best_score",
+    "best_epoch",
+    "bad_epochs",
+    "best_weights",
+    "history",
+    "rng",
+)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict a checkpoint file holds; `CheckpointError` naming the file when it is missing,
+    truncated, corrupt or lacks a field `EpochState.load` needs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, OSError...
+        if isinstance(error, pickle.UnpicklingError):
+            reason = "not a checkpoint written by torch.save"  # torch's message suggests unsafe
+        else:
+            reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason})") from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    return state
 
 
 def _rng_states() -> dict[str, Any]:
