@@ -135,6 +135,11 @@ def _typed(value: Any, hint: Any, what: str) -> Any:
     raise ConfigError(f"{what} must be {kind.__name__}, got {value!r}")
 
 
+def results_folder(name: str) -> Path:
+    """Where the exports and the final training of experiment `name` go by default."""
+    return Path("results") / name
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One search: where it lives, what it searches and on which data (see the module doc)."""
@@ -168,7 +173,7 @@ class Experiment:
     @property
     def results(self) -> Path:
         """Where `search.export` and `search.run --final` write by default."""
-        return Path("results") / self.name
+        return results_folder(self.name)
 
     @classmethod
     def new(

@@ -35,6 +35,8 @@ from marsseg.config import TrainConfig, preset
 from marsseg.data import MarsArchive, load_clean_archive
 from marsseg.data.synthetic import default_archive_path
 from marsseg.errors import ConfigError, SearchError
+from marsseg.fileio import check_writable
+from marsseg.predict import check_target
 from search.capacity import (
     AUTOSCALER_CONFIG,
     capacity,
@@ -53,7 +55,10 @@ from search.experiment import (
     Experiment,
     SearchSettings,
     driver_folder,
+    results_folder,
 )
+from search.export import export
+from search.final import FinalSettings, train_final
 from search.lock import DriverLock
 from search.packing import check_gpu_packing
 from search.results import (
@@ -310,12 +315,15 @@ def plan_resources(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, given = parse_args(argv)
+    # Everything that can be refused from the flags alone is, before anything is created.
     settings = settings_from(args)  # checks the flags, also where a resume then ignores them
-    get_space(settings.space)  # an unknown space is refused before storage is touched
-    storage = check_storage(args.storage)
+    get_space(settings.space)
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name of the experiment to continue")
     name = args.name or f"{settings.space}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.final:
+        check_final_outputs(final_settings(args, name))
+    storage = check_storage(args.storage)
     # Held until the search (and --final) ends: a second driver on `name` is refused.
     with DriverLock(driver_folder(storage, name) / LOCK_FILE, name, args.break_lock):
         experiment, results = run_search(args, given, settings, storage, name)
@@ -371,16 +379,10 @@ def fit_new(
     return results
 
 
-def run_final(args: argparse.Namespace, experiment: Experiment) -> None:
-    """search -> export -> final in one go: the best config of `--final-arch`, retrained on
-    the whole cleaned archive (not `--limit-images`' share), its folds as Ray tasks on the
-    search's own Ray with a trial's resources each."""
-    from search import export
-    from search.final import FinalSettings, train_final
-
-    out = experiment.results
-    export.export(experiment, top_k=5, arch=args.final_arch, out=out)
-    settings = FinalSettings(
+def final_settings(args: argparse.Namespace, name: str) -> FinalSettings:
+    """How `--final` trains and where it writes (checked before the search starts)."""
+    out = results_folder(name)
+    return FinalSettings(
         out=out / "final",
         config_path=out / BEST_CONFIG,
         folds=args.final_folds,
@@ -391,6 +393,21 @@ def run_final(args: argparse.Namespace, experiment: Experiment) -> None:
         address=args.address,
         command=f"python -m search.run {' '.join(sys.argv[1:])}",
     )
+
+
+def check_final_outputs(settings: FinalSettings) -> None:
+    """Refuse `--final`'s outputs now rather than after hours of search: an existing submission
+    (without `--force`) or a folder that cannot be written."""
+    check_target(settings.submission_path, settings.force)
+    check_writable(settings.out)
+
+
+def run_final(args: argparse.Namespace, experiment: Experiment) -> None:
+    """search -> export -> final in one go: the best config of `--final-arch`, retrained on
+    the whole cleaned archive (not `--limit-images`' share), its folds as Ray tasks on the
+    search's own Ray with a trial's resources each."""
+    settings = final_settings(args, experiment.name)
+    export(experiment, top_k=5, arch=args.final_arch, out=experiment.results)
     archive, _ = load_clean_archive(args.data or experiment.settings.data)
     train_final(TrainConfig.load(settings.config_path), archive, settings)
 

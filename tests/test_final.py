@@ -373,3 +373,16 @@ def test_train_final_is_callable_with_a_loaded_archive_and_settings(small_archiv
     assert result.config.max_epochs == 1 and result.config.val_fraction == 0
     with pytest.raises(DataError, match=r"submission\.csv exists; pass --force"):
         final_stage.train_final(config, archive, settings)
+
+
+def test_search_with_final_checks_its_outputs_before_searching(tiny_archive, tmp_path, capsys):
+    """`--final` writes under ./results/<name>: refused at once, not after the search."""
+    (tmp_path / "results").write_text("a file where the results folder would go")
+    args = search_args(tiny_archive, tmp_path / "experiments", "early", samples=2, epochs=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert run_cli(search_main, [*args, "--final"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "results" in err and "a file" in err
+    assert not (tmp_path / "experiments").exists()  # no search was started
