@@ -202,15 +202,13 @@ class Experiment:
     @classmethod
     def resume(cls, storage: Storage, name: str) -> Experiment:
         """An experiment as it was saved, its driver files fetched from storage when missing."""
-        experiment = cls.open(storage, name)
+        experiment = cls.open(storage, name)  # reads the saved settings when there are some
         if not (experiment.driver / SETTINGS).is_file():
             raise SearchError(
                 f"cannot resume {experiment.uri}: it has no {SETTINGS} (started by an older "
                 "version of search.run); start a new experiment"
             )
-        return dataclasses.replace(
-            experiment, settings=SearchSettings.load(experiment.driver / SETTINGS)
-        )
+        return experiment
 
     @classmethod
     def open(cls, storage: Storage, name: str) -> Experiment:
@@ -256,8 +254,9 @@ class Experiment:
 
     def sync(self) -> None:
         """Upload the driver's files to the experiment's storage (shared storage only)."""
-        if self.storage.shared:
-            upload_files(self.driver, DRIVER_FILES, self.uri)
+        syncer = self.syncer()
+        if syncer is not None:
+            syncer()
 
     def syncer(self) -> DriverSync | None:
         """A picklable callable that uploads the driver files, for the searcher to call each

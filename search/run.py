@@ -291,7 +291,11 @@ def resume_if_asked(
 
 
 def plan_resources(
-    args: argparse.Namespace, settings: SearchSettings, base: TrainConfig, images: int
+    args: argparse.Namespace,
+    storage: Storage,
+    settings: SearchSettings,
+    base: TrainConfig,
+    images: int,
 ) -> tuple[TrialResources, int]:
     """Each trial's resources on the cluster joined, and how many trials run at once; refuses
     what cannot run (a trial bigger than any node, a packing that does not fit)."""
@@ -302,7 +306,7 @@ def plan_resources(
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cap.gpus else 0.0)
     resources = dataclasses.replace(requested, gpus=gpus)
     check_trial_resources(cap, resources.cpus, gpus)
-    check_shared_storage(check_storage(args.storage), cap)
+    check_shared_storage(storage, cap)
     # Trials sharing a GPU: measure the heaviest on one and refuse a packing that cannot fit.
     check_gpu_packing(base, images, gpus)
     concurrent = settings.max_concurrent or concurrent_trials(cap, resources.cpus, gpus)
@@ -348,7 +352,7 @@ def run_search(
     archive, provenance = load_data(args.data or settings.data, settings.limit_images)
     if resumed:
         resumed.check_data(provenance["data_checksum"], provenance["data"])
-    resources, concurrent = plan_resources(args, settings, base, len(archive))
+    resources, concurrent = plan_resources(args, storage, settings, base, len(archive))
     if resumed:
         return resumed, restore_tuner(resumed, archive, resources).fit()
     settings = dataclasses.replace(settings, max_concurrent=concurrent)
