@@ -28,6 +28,7 @@ from marsseg.fileio import atomic_path
 from marsseg.losses import LossConfig
 from marsseg.models import build_model, list_models, model_knobs
 from marsseg.sampling import check_oversample_rate
+from marsseg.yamlfile import read_yaml_mapping
 
 SCHEMA_VERSION = 1
 """Bumped whenever a field changes meaning, so an old config fails loudly instead of silently."""
@@ -228,22 +229,20 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainConfig:
-        """Read a YAML or JSON config; a missing file or a syntax error is one clear line."""
+        """Read a YAML (1.2 numbers: `lr: 3e-4`) or JSON config; a missing file or a syntax error
+        is one clear line."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = (
-                json.loads(path.read_text())
-                if path.suffix == ".json"
-                else yaml.safe_load(path.read_text())
-            )
-        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
-            first = str(err).splitlines()[0]
-            kind = "json" if path.suffix == ".json" else "yaml"
-            raise ConfigError(f"{path}: not valid {kind} ({first})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+        if path.suffix == ".json":
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ConfigError(f"{path}: not valid JSON ({err})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+        else:
+            data = read_yaml_mapping(path, "config fields")
         try:
             return cls.from_dict(data)
         except ConfigError as err:

@@ -30,6 +30,7 @@ import yaml
 from marsseg.config import TrainConfig
 from marsseg.errors import ConfigError, SearchError
 from marsseg.fileio import atomic_path
+from marsseg.yamlfile import read_yaml_mapping
 from search.asha import ASHA_STATE
 from search.storage import Storage, delete_folder, download_files, upload_files
 
@@ -105,13 +106,7 @@ class SearchSettings:
 
     @classmethod
     def load(cls, path: Path) -> SearchSettings:
-        try:
-            values = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings")
-        return cls.from_mapping(values, str(path))
+        return cls.from_mapping(read_yaml_mapping(path, "settings"), str(path))
 
     def differences(self, requested: Mapping[str, Any]) -> list[str]:
         """`--flag value (kept: saved)` for each requested setting that differs from these."""

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from ray import tune
 from ray.tune import ResultGrid
 
@@ -37,6 +36,7 @@ from marsseg.data.synthetic import default_archive_path
 from marsseg.errors import ConfigError, SearchError
 from marsseg.fileio import check_writable
 from marsseg.predict import check_target
+from marsseg.yamlfile import read_yaml_mapping
 from search.capacity import (
     AUTOSCALER_CONFIG,
     capacity,
@@ -211,14 +211,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
 def _config_file_values(path: str) -> dict[str, Any]:
     """The flags a `--config` YAML file sets, parsed as if given on the command line."""
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        values = read_yaml_mapping(path, "flag names to values", empty_ok=True)
     except OSError:
         raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of flag names to values")
     argv = []
     for key, value in values.items():
         dest = str(key).replace("-", "_")

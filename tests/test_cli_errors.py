@@ -163,7 +163,7 @@ def _(p, mp):
     return Case(
         train_cli.main,
         ["--config", str(config), "--out", str(out)],
-        "binary.yaml: not valid yaml",
+        "binary.yaml: not valid YAML",
         absent=[out],
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from marsseg.config import ModelConfig, TrainConfig, preset
+from marsseg.config import ModelConfig, OptimConfig, TrainConfig, preset
 from marsseg.errors import ConfigError
 
 
@@ -71,7 +71,7 @@ def test_bad_files(tmp_path):
         TrainConfig.load(tmp_path / "missing.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid yaml"):
+    with pytest.raises(ConfigError, match="not valid YAML"):
         TrainConfig.load(broken)
     listing = tmp_path / "list.yaml"
     listing.write_text("- 1\n- 2\n")
@@ -84,3 +84,39 @@ def test_knob_values_are_stored_canonically():
 
     config = ModelConfig("unet", {"depth": np.int64(3), "dropout": np.float64(0.25)})
     assert type(config.knobs["depth"]) is int and type(config.knobs["dropout"]) is float
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("3e-4", 3e-4), ("1E-5", 1e-5), ("2.5e+3", 2500.0), ("-1e-2", -0.01), (".5e1", 5.0)],
+)
+def test_yaml_12_exponent_numbers_are_floats(tmp_path, text, expected):
+    """`lr: 3e-4` is a float in YAML 1.2 (and JSON); PyYAML's 1.1 rules read it as a string."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"optim:\n  lr: {text}\n")
+    if expected > 0:
+        assert TrainConfig.load(path).optim.lr == pytest.approx(expected)
+    else:  # a number, so the range check speaks, not the type check
+        with pytest.raises(ConfigError, match=r"optim\.lr must be > 0"):
+            TrainConfig.load(path)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("optim:\n  lr: '3e-4'\n", "optim.lr must be a number"),  # quoted: still a string
+        ("optim:\n  lr: 3e\n", "optim.lr must be a number"),  # no exponent digits
+        ("optim:\n  lr: e-4\n", "optim.lr must be a number"),
+        ("max_epochs: 1e2\n", "max_epochs must be"),  # a float, not an integer
+    ],
+)
+def test_yaml_numbers_loosen_nothing_else(tmp_path, body, expected):
+    path = tmp_path / "config.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=expected):
+        TrainConfig.load(path)
+
+
+def test_saved_configs_with_small_floats_round_trip(tmp_path):
+    config = TrainConfig().replace(optim=OptimConfig(lr=3e-5, weight_decay=1e-6))
+    assert TrainConfig.load(config.save(tmp_path / "c.yaml")) == config

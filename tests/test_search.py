@@ -27,10 +27,12 @@ from marsseg.cli import run_cli
 from marsseg.config import TrainConfig, preset
 from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
+from marsseg.errors import ConfigError
 from marsseg.train import fit
 from search.experiment import STUDY_FILE, TIMELINE
 from search.optuna_searcher import PruningOptunaSearch
 from search.run import main as search_main
+from search.run import parse_args
 from search.timeline import read_timeline, summarise_timeline
 from search.trainable import CHECKPOINT_FILE, PANEL_TAG
 from spaces import get_space
@@ -262,6 +264,17 @@ def test_config_file_supplies_flags(tmp_path, capsys):
     config.write_text("sampler: grid\n")
     assert run_cli(search_main, ["--config", str(config)]) == 2
     assert "--sampler must be one of tpe, random" in capsys.readouterr().err
+
+
+def test_config_file_reads_yaml_12_numbers(tmp_path):
+    """`time-budget: 36e2` is a number in YAML 1.2; an integer flag still refuses a float."""
+    config = tmp_path / "search.yaml"
+    config.write_text("time-budget: 36e2\nreduction-factor: 3E0\n")
+    args, _ = parse_args(["--config", str(config)])
+    assert (args.time_budget, args.reduction_factor) == (3600.0, 3.0)
+    config.write_text("num-samples: 1e1\n")
+    with pytest.raises(ConfigError, match=r"invalid int value: '10\.0'"):
+        parse_args(["--config", str(config)])
 
 
 def test_archive_checksum_is_stable():
