@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from marsseg.errors import MarsSegError
 
@@ -50,3 +51,45 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing submission")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def command(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[], int]:
+    """The console script (`[project.scripts]` in pyproject) of an entry point's `main`."""
+
+    def script() -> int:
+        return run_cli(main)
+
+    script.__doc__ = main.__doc__
+    return script
+
+
+def program(module: str, script: str) -> str:
+    """The name `--help` shows: the console script when run as one, else `python -m module`."""
+    return script if Path(sys.argv[0]).name == script else f"python -m {module}"
+
+
+def add_max_epochs_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--max-epochs N` (the config field it sets), also spelt `--epochs` as it used to be."""
+    parser.add_argument(
+        "--max-epochs", "--epochs", dest="max_epochs", type=int, metavar="N", help=help
+    )
+
+
+def add_cpus_flag(parser: argparse.ArgumentParser, help: str, default: float | None = None) -> None:
+    """`--cpus-per-trial N`: CPUs (torch threads) of each training run, in every entry point
+    that trains; `--threads`, its old spelling in the non-Ray ones, still works."""
+    parser.add_argument(
+        "--cpus-per-trial",
+        "--threads",
+        dest="cpus_per_trial",
+        type=float,
+        metavar="N",
+        default=default,
+        help=help,
+    )
+
+
+def torch_threads(cpus: float | None) -> int | None:
+    """Torch threads for a run granted `cpus` CPUs: at least one for a fraction, torch's own
+    default (None) when none was asked for."""
+    return None if cpus is None else max(1, int(cpus))

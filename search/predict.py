@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from marsseg.calibrate import format_offsets
-from marsseg.cli import add_decoding_flags, run_cli
+from marsseg.cli import add_decoding_flags, command, program
 from marsseg.data import load_archive
 from marsseg.data.synthetic import ensure_default_archive
 from marsseg.device import resolve_device
@@ -26,7 +26,7 @@ from marsseg.submission import submission_bytes
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m search.predict", description=__doc__.splitlines()[0]
+        prog=program("search.predict", "marsseg-predict"), description=__doc__.splitlines()[0]
     )
     parser.add_argument("--model", type=Path, required=True, help="model.pt from search.final")
     parser.add_argument("--data", type=Path, help="archive with a test_set (default: synthetic)")
@@ -72,5 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+cli = command(main)
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

@@ -29,7 +29,7 @@ import numpy as np
 from ray import tune
 from ray.tune import ResultGrid
 
-from marsseg.cli import run_cli
+from marsseg.cli import command, program
 from marsseg.config import TrainConfig, preset
 from marsseg.data import MarsArchive, load_clean_archive
 from marsseg.data.synthetic import default_archive_path
@@ -82,7 +82,7 @@ MAX_ERRORED_SHARE = 0.5
 non-zero, as does one in which no trial reported a result."""
 SHOWN_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "oversample", "epochs", OBJECTIVE]
 RUN_DEFAULTS: dict[str, Any] = {
-    "config": None,
+    "settings": None,
     "train_config": None,
     "cpus_per_trial": 1.0,
     "gpus_per_trial": None,
@@ -95,17 +95,21 @@ RUN_DEFAULTS: dict[str, Any] = {
     "final": False,
     "final_arch": "marsseg",
     "final_folds": None,
-    "final_epochs": None,
+    "final_max_epochs": None,
     "force": False,
 }
 """Defaults of the flags that are this run's choice; the search's own are `SearchSettings`'."""
 DEFAULTS = {**dataclasses.asdict(SearchSettings()), **RUN_DEFAULTS}
+OLD_SPELLINGS = {"--config": "--settings", "--final-epochs": "--final-max-epochs"}
+"""Flags renamed so that one name means one thing in every entry point (`--config` is a
+training config everywhere else); the old spellings keep working, on the command line and as
+keys of a `--settings` file."""
 
 
 def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     """The flags; a flag not given is absent from the namespace (see `parse_args`)."""
     parser = argparse.ArgumentParser(
-        prog="python -m search.run",
+        prog=program("search.run", "marsseg-search"),
         description=__doc__.splitlines()[0],
         argument_default=argparse.SUPPRESS,
         exit_on_error=exit_on_error,
@@ -118,14 +122,21 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
 
 
 def _flag(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: Any) -> None:
-    """Add `flag`, naming its default (from `DEFAULTS`) in the help when it has one."""
-    default = DEFAULTS[flag.lstrip("-").replace("-", "_")]
+    """Add `flag` (and its old spellings), naming its default (from `DEFAULTS`) in the help
+    when it has one."""
+    dest = _dest(flag)
+    default = DEFAULTS[dest]
     shown = "" if default in (None, False) else f" (default: {default})"
-    parser.add_argument(flag, help=help + shown, **kwargs)
+    old = [alias for alias, new in OLD_SPELLINGS.items() if new == flag]
+    parser.add_argument(flag, *old, dest=dest, help=help + shown, **kwargs)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
-    _flag(parser, "--config", "YAML file with any of these flags as keys (flags win)")
+    _flag(parser, "--settings", "YAML file with any of these flags as keys (flags win)")
     _flag(parser, "--data", "archive .npz (default: the synthetic one)")
     _flag(
         parser,
@@ -196,31 +207,39 @@ def _final_flags(parser: argparse.ArgumentParser) -> None:
     )
     _flag(parser, "--final-arch", "architecture --final retrains, or 'any'")
     _flag(parser, "--final-folds", "--final trains a k-fold ensemble (see search.final)", type=int)
-    _flag(parser, "--final-epochs", "--final's epochs (default: derived from the search)", type=int)
+    _flag(
+        parser,
+        "--final-max-epochs",
+        "--final's epochs (default: derived from the search)",
+        type=int,
+    )
     _flag(parser, "--force", "let --final overwrite an existing submission", action="store_true")
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """Every flag's value, and those the user set (on the command line or in `--config`)."""
+    """Every flag's value, and those the user set (on the command line or in `--settings`)."""
     given = vars(build_parser().parse_args(argv))
-    if given.get("config") is not None:
-        given = {**_config_file_values(given["config"]), **given}
+    if given.get("settings") is not None:
+        given = {**_settings_file_values(given["settings"]), **given}
     return argparse.Namespace(**{**DEFAULTS, **given}), given
 
 
-def _config_file_values(path: str) -> dict[str, Any]:
-    """The flags a `--config` YAML file sets, parsed as if given on the command line."""
+def _settings_file_values(path: str) -> dict[str, Any]:
+    """The flags a `--settings` YAML file sets, parsed as if given on the command line."""
     try:
         values = read_yaml_mapping(path, "flag names to values", empty_ok=True)
     except OSError:
         raise ConfigError(f"config file not found: {path}") from None
     argv = []
     for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in DEFAULTS or dest == "config":
-            known = ", ".join(sorted(set(DEFAULTS) - {"config"}))
+        flag = f"--{str(key).replace('_', '-')}"
+        flag = OLD_SPELLINGS.get(flag, flag)
+        dest = _dest(flag)
+        if dest not in DEFAULTS or dest == "settings":
+            if "model" in values:  # a TrainConfig, not flags: say where it goes
+                raise ConfigError(f"{path} is a training config: pass it as --train-config")
+            known = ", ".join(sorted(set(DEFAULTS) - {"settings"}))
             raise ConfigError(f"{path}: unknown key {key!r} (known: {known})")
-        flag = f"--{dest.replace('_', '-')}"
         if isinstance(DEFAULTS[dest], bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{path}: {key} must be true or false, got {value!r}")
@@ -385,7 +404,7 @@ def final_settings(args: argparse.Namespace, name: str) -> FinalSettings:
         out=out / "final",
         config_path=out / BEST_CONFIG,
         folds=args.final_folds,
-        epochs=args.final_epochs,
+        epochs=args.final_max_epochs,
         force=args.force,
         cpus=args.cpus_per_trial,
         gpus=args.gpus_per_trial,
@@ -469,5 +488,7 @@ def check_outcome(
         )
 
 
+cli = command(main)
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

@@ -7,13 +7,14 @@ python -m marsseg.data synth --out PATH [--n-train N] [--n-test M] [--seed S]
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from marsseg.classes import IMAGE_HEIGHT, IMAGE_WIDTH
-from marsseg.cli import run_cli
+from marsseg.cli import command, program
 from marsseg.data import (
     class_statistics,
     ensure_default_archive,
@@ -31,7 +32,7 @@ from marsseg.fileio import check_output, check_writable
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m marsseg.data", description=__doc__.splitlines()[0]
+        prog=program("marsseg.data", "marsseg-data"), description=__doc__.splitlines()[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -123,5 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+cli = command(main)
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    sys.exit(cli())

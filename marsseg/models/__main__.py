@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from marsseg.classes import IMAGE_SHAPE
-from marsseg.cli import run_cli
+from marsseg.cli import command, program
 from marsseg.models import build_model, list_models
 
 
@@ -67,7 +68,7 @@ def table(names: Sequence[str], batch_size: int, repeats: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m marsseg.models", description=__doc__.splitlines()[0]
+        prog=program("marsseg.models", "marsseg-models"), description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--models",
@@ -89,5 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+cli = command(main)
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    sys.exit(cli())
