@@ -18,12 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jsonschema
 import pandas as pd
 import pytest
 import ray
 import yaml
+from ray.autoscaler._private.providers import _NODE_PROVIDERS
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import Cluster
 from search_helpers import RAY_ENV, search_args
@@ -42,6 +44,8 @@ from search.storage import Storage, check_shared_storage, check_storage
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER_CONFIGS = [p for p in (REPO / "cluster.yaml", REPO / "cluster.local.yaml") if p.exists()]
+CONSTRAINTS = REPO / "constraints" / "cluster.txt"
+"""The versions every node of a cluster installs (pip constraints: `name==version` lines)."""
 WORKER = {"num_cpus": 2, "num_gpus": 1}
 """Each worker node: two trials at --gpus-per-trial 0.5 and one CPU per trial."""
 RAY_WORKER_LOG = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|[\w.:-]+ pid=)")
@@ -64,10 +68,39 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
 
 
+def _described(name: str, vcpus: int, mib: int, gpu: str = "", gpus: int = 0) -> dict:
+    described = {
+        "InstanceType": name,
+        "VCpuInfo": {"DefaultVCpus": vcpus},
+        "MemoryInfo": {"SizeInMiB": mib},
+    }
+    if gpus:
+        described["GpuInfo"] = {"Gpus": [{"Name": gpu, "Manufacturer": "NVIDIA", "Count": gpus}]}
+    return described
+
+
+EC2_INSTANCE_TYPES = [
+    _described("m5.xlarge", 4, 16384),
+    _described("g5.xlarge", 4, 16384, "A10G", 1),
+    _described("g6.xlarge", 4, 16384, "L4", 1),
+    _described("g5.12xlarge", 48, 196608, "A10G", 4),
+]
+"""EC2's DescribeInstanceTypes answer for the types these tests use, cut to the fields Ray's
+resource detection reads (`ray up` asks AWS; the tests stay offline)."""
+
+
 def prepared(config: dict[str, Any]) -> dict[str, Any]:
-    """What `ray up` does with a config before it talks to the cloud: fill in the provider's
-    defaults, merge the setup commands, then check the result against Ray's JSON schema."""
+    """What `ray up` does with a config before it creates anything (`_bootstrap_config`): fill in
+    the provider's defaults and merge the setup commands, let the provider fill in the resources
+    of each node type (AWS: from the instance type; its EC2 query answered by
+    EC2_INSTANCE_TYPES), then check the result against Ray's JSON schema."""
     config = prepare_config(copy.deepcopy(config))
+    provider = _NODE_PROVIDERS[config["provider"]["type"]](config["provider"])
+    with mock.patch(
+        "ray.autoscaler._private.aws.node_provider.list_ec2_instances",
+        lambda region, aws_credentials=None: copy.deepcopy(EC2_INSTANCE_TYPES),
+    ):
+        config = provider.fillout_available_node_types_resources(config)
     validate_config(config)
     return config
 
@@ -124,6 +157,108 @@ def test_autoscaling_capacity_counts_the_workers_cluster_yaml_can_add(offline):
     check_shared_storage(Storage("s3://bucket/experiments", shared=True), cap)
 
 
+def test_worker_resources_are_detected_from_the_instance_type(offline):
+    """No `resources:` on the worker type: `ray up` fills them in from the instance type, so an
+    edited InstanceType cannot leave stale numbers behind. The head keeps its CPU: 0 override."""
+    raw = load(REPO / "cluster.yaml")
+    types = raw["available_node_types"]
+    (worker_type,) = [name for name in types if name != raw["head_node_type"]]
+    assert "resources" not in types[worker_type], "resources left to Ray's detection"
+    assert types[raw["head_node_type"]]["resources"] == {"CPU": 0}
+
+    config = prepared(raw)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}, "the override must win over the 4 detected vCPUs"
+    worker = config["available_node_types"][worker_type]["resources"]
+    assert (worker["CPU"], worker["GPU"], worker["accelerator_type:A10G"]) == (4, 1, 1)
+    assert worker["memory"] == int(16384 * 2**20 * 0.7)  # 70%: the rest is the object store
+
+    bigger = copy.deepcopy(raw)
+    bigger["available_node_types"][worker_type]["node_config"]["InstanceType"] = "g5.12xlarge"
+    config = prepared(bigger)
+    assert config["available_node_types"][worker_type]["resources"]["GPU"] == 4
+    cap = with_autoscaling(
+        Capacity(nodes=1, cpus=0, gpus=0, max_gpus_per_node=0, max_cpus_per_node=0, max_nodes=1),
+        config,
+        head=[{"CPU": 0.0}],
+    )
+    assert (cap.gpus, cap.max_gpus_per_node) == (4 * config["max_workers"], 4)
+
+
+def test_workers_get_the_role_the_head_may_pass_to_them(offline):
+    """Workers write to S3, so they get Ray's default role; launching an instance with a role
+    takes iam:PassRole on it, which Ray does not grant its role. cluster.iam-policy.json does."""
+    from ray.autoscaler._private.aws.config import (
+        DEFAULT_RAY_IAM_ROLE,
+        DEFAULT_RAY_INSTANCE_PROFILE,
+    )
+
+    config = prepared(load(REPO / "cluster.yaml"))
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    # No profile on the head: `ray up` creates (or reuses) ray-autoscaler-v1 and gives it to it.
+    assert "IamInstanceProfile" not in head["node_config"]
+    for name, spec in types.items():
+        if name != config["head_node_type"]:
+            profile = spec["node_config"]["IamInstanceProfile"]
+            assert profile == {"Name": DEFAULT_RAY_INSTANCE_PROFILE}, name
+
+    policy = json.loads((REPO / "cluster.iam-policy.json").read_text())
+    (statement,) = policy["Statement"]
+    assert (statement["Effect"], statement["Action"]) == ("Allow", "iam:PassRole")
+    assert statement["Resource"] == f"arn:aws:iam::*:role/{DEFAULT_RAY_IAM_ROLE}"
+    assert statement["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+    # The command that installs it, as the YAML's comment and the README give it (two lines).
+    command = re.compile(
+        rf"aws iam put-role-policy --role-name {DEFAULT_RAY_IAM_ROLE} \\\n[#\s]*"
+        r"--policy-name ray-pass-role --policy-document file://cluster\.iam-policy\.json"
+    )
+    for doc in ("cluster.yaml", "README.md"):
+        assert command.search((REPO / doc).read_text()), f"{doc} lacks the put-role-policy command"
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip()] = version.strip()
+    return pins
+
+
+def test_every_node_runs_the_pinned_ray(offline):
+    """The images in cluster.yaml and the Dockerfile carry the Ray version of the constraints
+    file, and every pip install on a node goes through that file: one Ray on every node."""
+    ray_pin = _pins()["ray"]
+    # CI installs with the constraints file (.ci/run), so it tests exactly this Ray; another
+    # patch release of the series (a venv made without the file) still passes here.
+    assert ray.__version__.split(".")[:2] == ray_pin.split(".")[:2], (ray.__version__, ray_pin)
+    docker = load(REPO / "cluster.yaml")["docker"]
+    for key in ("image", "head_image", "worker_image"):
+        assert docker[key].startswith(f"rayproject/ray:{ray_pin}-py311-"), (key, docker[key])
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"ARG RAY_IMAGE=rayproject/ray:{ray_pin}-py311-gpu\nFROM ${{RAY_IMAGE}}" in dockerfile
+    assert "COPY constraints/cluster.txt " in dockerfile
+    for doc in ("cluster.yaml", "Dockerfile", "README.md"):  # the worker image's suggested tag
+        tags = set(re.findall(r"marsseg-worker:([\w.-]+)", (REPO / doc).read_text()))
+        assert tags == {ray_pin}, (doc, tags)
+
+    for path in LAUNCHER_CONFIGS:
+        config = prepared(load(path))
+        assert "~/marsseg-search" in config["file_mounts"]
+        commands = [
+            command
+            for key in ("setup_commands", "head_setup_commands", "worker_setup_commands")
+            for command in config.get(key, [])
+            if "pip install" in command
+        ]
+        assert commands, path.name
+        for command in commands:
+            assert "-c ~/marsseg-search/constraints/cluster.txt" in command, (path.name, command)
+    local = " ".join(load(REPO / "cluster.local.yaml")["setup_commands"])
+    assert "python3.11 -m venv" in local, "the local nodes' Python must be the images' 3.11"
+
+
 def _rename_key(old: str, new: str) -> Callable[[dict], None]:
     def mutate(config: dict) -> None:
         config[new] = config.pop(old)
@@ -136,7 +271,7 @@ def _worker_resource(name: str, value: float) -> Callable[[dict], None]:
         head = config["head_node_type"]
         for node_type, spec in config["available_node_types"].items():
             if node_type != head:
-                spec["resources"][name] = value
+                spec.setdefault("resources", {})[name] = value
 
     return mutate
 
