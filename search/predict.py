@@ -24,20 +24,26 @@ from marsseg.predict import check_target, load_ensemble, predict_submission, req
 from marsseg.submission import submission_bytes
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program("search.predict", "marsseg-predict"), description=__doc__.splitlines()[0]
     )
     parser.add_argument("--model", type=Path, required=True, help="model.pt from search.final")
     parser.add_argument("--data", type=Path, help="archive with a test_set (default: synthetic)")
-    parser.add_argument("--out", type=Path, default=Path("submission.csv"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("submission.csv"), help="CSV (default: submission.csv)"
+    )
     add_decoding_flags(parser)
     parser.add_argument(
         "--no-calibration",
         action="store_true",
         help="ignore the calibration offsets stored in the model file",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

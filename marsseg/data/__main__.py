@@ -30,7 +30,7 @@ from marsseg.errors import ConfigError
 from marsseg.fileio import check_output, check_writable
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program("marsseg.data", "marsseg-data"), description=__doc__.splitlines()[0]
     )
@@ -65,8 +65,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="training images, outliers included (default 2615)",
     )
     synth.add_argument("--n-test", type=int, default=1000, help="test images (default 1000)")
-    synth.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def inspect(args: argparse.Namespace) -> None:

@@ -66,7 +66,7 @@ def table(names: Sequence[str], batch_size: int, repeats: int) -> str:
     return "\n".join(rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program("marsseg.models", "marsseg-models"), description=__doc__.splitlines()[0]
     )
@@ -81,7 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="latency batch (default 32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes (default 5)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
