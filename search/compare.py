@@ -50,6 +50,7 @@ from search.tasks import (
 )
 
 PRESET_PREFIX = "preset:"
+RUNS = "runs.csv"
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def parse_candidate(text: str) -> Candidate:
     return Candidate(name, source, config)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program("search.compare", "marsseg-compare"),
         description=__doc__.splitlines()[0],
@@ -85,11 +86,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--candidate", action="append", required=True, help="NAME=preset:NAME or NAME=CONFIG")
     add("--data", type=Path, help="archive .npz (default: the synthetic one)")
     add_max_epochs_flag(parser, "the equal budget: the most epochs of every run (required)")
-    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    add("--val-fraction", type=float, default=0.2, help="share of images held out for scoring")
-    add("--split-seed", type=int, default=0, help="seed of the one validation split")
+    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    add(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of images held out for scoring (default: 0.2)",
+    )
+    add("--split-seed", type=int, default=0, help="seed of the one validation split (default: 0)")
     add_resource_flags(parser)
-    add("--out", type=Path, default=Path("results") / "comparison", help="output folder")
+    add(
+        "--out",
+        type=Path,
+        default=Path("results") / "comparison",
+        help="output folder (default: results/comparison)",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_epochs is None:
         parser.error("the following arguments are required: --max-epochs")
@@ -100,9 +116,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds repeats a seed: {args.seeds}")
     return args
-
-
-RUNS = "runs.csv"
 
 
 def run_all(

@@ -88,7 +88,7 @@ FOLDS_DIR = "folds"
 """Where each fold's weights land as it ends, so a failed fold loses only itself."""
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program("search.final", "marsseg-final"),
         description=__doc__.splitlines()[0],
@@ -100,13 +100,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--folds", type=int, help="train K models on K folds and ensemble them")
     add_max_epochs_flag(
         parser,
-        "epochs of the all-data model (default: from the search's best epoch), or the most of "
-        "each fold (default: the config's max_epochs)",
+        "epochs of the all-data model, or the most of each fold (default: from the search's "
+        "best epoch; for folds, the config's max_epochs)",
     )
     parser.add_argument("--rerank", type=int, help="retrain the top N exported configs first")
-    parser.add_argument("--rerank-seeds", type=int, default=2, help="seeds per reranked config")
+    parser.add_argument(
+        "--rerank-seeds", type=int, default=2, help="seeds per reranked config (default: 2)"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: results/final/<name>)")
-    parser.add_argument("--workers", type=int, default=0, help="loader workers (online aug)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="loader workers (online aug; default: 0)"
+    )
     parser.add_argument(
         "--compress", action="store_true", help="write submission.csv.gz (~1 MB, not ~30 MB)"
     )
@@ -121,11 +125,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_resource_flags(
         parser,
         "fold or rerank run",
-        cpus_help="CPUs (torch threads) of each fold or rerank run (default: 1), and torch "
-        "threads of this process's all-data model and predictions (default: torch's)",
+        cpus_help="CPUs (torch threads) of each fold or rerank run, and torch threads of the "
+        "all-data model and predictions here (default: 1 per run; torch's own here)",
     )
     add_decoding_flags(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def final_epochs(config: TrainConfig, requested: int | None) -> tuple[int, str]:
