@@ -1,6 +1,6 @@
 """`python -m search.compare`: configurations against each other at equal budget, several seeds.
 
-    python -m search.compare --data mars_for_students.npz --epochs 20 --seeds 0 1 2 \\
+    python -m search.compare --data mars_for_students.npz --max-epochs 20 --seeds 0 1 2 \\
         --candidate reference=preset:reference \\
         --candidate searched=results/default-1/best_config.yaml
 
@@ -10,6 +10,12 @@ validation split and the same epoch budget, as Ray tasks (packed on GPUs with
 `--gpus-per-trial 0.25`, spread over a cluster with `--address auto`), and writes to `--out`:
 `runs.csv` (one row per run), `comparison.csv` (mean and spread per candidate) and
 `comparison.md` (the table, the gain over the first candidate, the budget and the command).
+
+Every epoch of every run prints one line as it ends (`fast seed 1  epoch   3/20 ...`), and each
+run its scores when it ends; `runs.csv` is rewritten as each run finishes, so an interrupted
+comparison keeps what it did. A run that fails is named with its reason and the others go on:
+the summary covers the runs that finished (a candidate with none is left out, with a note) and
+the command then exits with code 2, naming every failed run.
 """
 
 from __future__ import annotations
@@ -21,20 +27,30 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import ray
+from tqdm import tqdm
 
-from marsseg.cli import run_cli
+from marsseg.cli import add_max_epochs_flag, command, program
 from marsseg.config import PRESETS, TrainConfig, preset
 from marsseg.data import MarsArchive, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError
-from marsseg.fileio import check_writable
+from marsseg.fileio import atomic_path, check_writable
 from marsseg.train.keys import IOU_KEYS
-from search.tasks import SCORES, add_resource_flags, start_ray, task_threads, train_run
+from search.tasks import (
+    SCORES,
+    Failures,
+    Run,
+    add_resource_flags,
+    start_ray,
+    task_cpus,
+    train_runs,
+)
 
 PRESET_PREFIX = "preset:"
+RUNS = "runs.csv"
 
 
 @dataclass(frozen=True)
@@ -59,9 +75,9 @@ def parse_candidate(text: str) -> Candidate:
     return Candidate(name, source, config)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m search.compare",
+        prog=program("search.compare", "marsseg-compare"),
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]),
@@ -69,15 +85,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--candidate", action="append", required=True, help="NAME=preset:NAME or NAME=CONFIG")
     add("--data", type=Path, help="archive .npz (default: the synthetic one)")
-    add("--epochs", type=int, required=True, help="the equal budget: max epochs of every run")
-    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    add("--val-fraction", type=float, default=0.2, help="share of images held out for scoring")
-    add("--split-seed", type=int, default=0, help="seed of the one validation split")
+    add_max_epochs_flag(parser, "the equal budget: the most epochs of every run (required)")
+    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    add(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of images held out for scoring (default: 0.2)",
+    )
+    add("--split-seed", type=int, default=0, help="seed of the one validation split (default: 0)")
     add_resource_flags(parser)
-    add("--out", type=Path, default=Path("results") / "comparison", help="output folder")
+    add(
+        "--out",
+        type=Path,
+        default=Path("results") / "comparison",
+        help="output folder (default: results/comparison)",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        raise ConfigError("--epochs must be >= 1")
+    if args.max_epochs is None:
+        parser.error("the following arguments are required: --max-epochs")
+    if args.max_epochs < 1:
+        raise ConfigError("--max-epochs must be >= 1")
     if not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
     if len(set(args.seeds)) != len(args.seeds):
@@ -93,30 +126,42 @@ def run_all(
     epochs: int,
     cpus: float,
     gpus: float,
-) -> pd.DataFrame:
-    """Every (candidate, seed) as a Ray task at once; Ray queues what does not fit."""
-    data = ray.put(archive)  # one copy in the object store for every run
-    remote = train_run.options(num_cpus=cpus, num_gpus=gpus)
-    jobs = {}
+    out: Path,
+) -> tuple[pd.DataFrame, Failures]:
+    """Every (candidate, seed) as a Ray task at once (Ray queues what does not fit), and the
+    runs that failed; `out / runs.csv` holds every finished run as soon as it has finished."""
+    runs = {}
     for candidate in candidates:
         for seed in seeds:
             config = candidate.config.replace(seed=seed, max_epochs=epochs)
-            jobs[(candidate.name, seed)] = remote.remote(config, data, split, task_threads(cpus))
-    rows = []
-    for (name, seed), job in jobs.items():
-        row = ray.get(job)
-        best = f"val mIoU {row['val_miou']:.4f} at epoch {row['best_epoch']}"
-        print(f"{name} seed {seed}: {best}", flush=True)
-        rows.append({"candidate": name, "seed": seed, **row})
-    return pd.DataFrame(rows)
+            runs[(candidate.name, seed)] = Run(f"{candidate.name} seed {seed}", config, split)
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    failures = Failures()
+    for key, row, reason in train_runs(runs, archive, cpus=cpus, gpus=gpus):
+        name = runs[key].name
+        if reason is not None:
+            failures.add(name, reason)
+            continue
+        tqdm.write(f"{name}: val mIoU {row['val_miou']:.4f} at epoch {row['best_epoch']}")
+        rows[key] = {"candidate": key[0], "seed": key[1], **row}
+        write_runs([rows[k] for k in runs if k in rows], out / RUNS)
+    return pd.DataFrame([rows[k] for k in runs if k in rows]), failures
+
+
+def write_runs(rows: list[dict[str, Any]], path: Path) -> None:
+    """`runs.csv` in the candidates' and seeds' order, replaced whole: a reader never sees half
+    a file, however the command ends."""
+    with atomic_path(path) as temp:
+        pd.DataFrame(rows).to_csv(temp, index=False)
 
 
 def seed_statistics(runs: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
-    """Mean and standard deviation (over seeds) of every score, one row per candidate."""
+    """Mean and standard deviation (over seeds) of every score, one row per candidate that has
+    a finished run."""
     grouped = runs.groupby("candidate", sort=False)[[*SCORES, "train_s"]]
     table = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).add_suffix("_std"))
     table.insert(0, "seeds", runs.groupby("candidate", sort=False).size())
-    return table.loc[list(order)].reset_index()
+    return table.loc[[name for name in order if name in table.index]].reset_index()
 
 
 def markdown(summary: pd.DataFrame, facts: dict[str, str]) -> str:
@@ -152,32 +197,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {args.data or 'synthetic'}: {report.summary()}")
     split = train_val_split(archive.masks, args.val_fraction, args.split_seed)
 
-    gpus = start_ray(args.address, args.cpus_per_trial, args.gpus_per_trial)
+    cpus = task_cpus(args.cpus_per_trial)
+    gpus = start_ray(args.address, cpus, args.gpus_per_trial)
     start = time.perf_counter()
-    runs = run_all(candidates, args.seeds, archive, split, args.epochs, args.cpus_per_trial, gpus)
+    epochs = args.max_epochs
+    runs, failures = run_all(candidates, args.seeds, archive, split, epochs, cpus, gpus, args.out)
     wall = time.perf_counter() - start
+    if runs.empty:
+        failures.check("no run finished; nothing to compare")
 
     summary = seed_statistics(runs, names)
-    command = "python -m search.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
+    line = "python -m search.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
     facts = {
         "candidates": "; ".join(f"{c.name} = {c.source}" for c in candidates),
-        "budget": f"at most {args.epochs} epochs per run (each config's own early stopping "
+        "budget": f"at most {epochs} epochs per run (each config's own early stopping "
         f"may end it sooner), seeds {' '.join(map(str, args.seeds))}",
         "validation": f"one stratified split, {len(split[1])} of {len(archive)} cleaned images "
         f"(fraction {args.val_fraction:g}, split seed {args.split_seed}); scores at each run's "
         "best epoch",
         "device time": f"{runs['train_s'].sum() / 60:.1f} min of training over {len(runs)} runs "
-        f"({wall / 60:.1f} min wall, {args.cpus_per_trial:g} CPU + {gpus:g} GPU per run)",
-        "command": f"`{command}`",
+        f"({wall / 60:.1f} min wall, {cpus:g} CPU + {gpus:g} GPU per run)",
+        "command": f"`{line}`",
     }
+    if failures:
+        facts["failed runs"] = "; ".join(failures.lines)
+    missing = [name for name in names if name not in set(summary["candidate"])]
+    if missing:
+        facts["left out"] = f"{', '.join(missing)}: no run finished"
     args.out.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(args.out / "runs.csv", index=False)
     summary.to_csv(args.out / "comparison.csv", index=False)
     text = markdown(summary, facts)
     (args.out / "comparison.md").write_text("# Comparison at equal budget\n\n" + text)
     print("\n" + text + f"\nwrote {args.out / 'comparison.md'}")
+    failures.check(f"the other runs are in {args.out / RUNS} and {args.out / 'comparison.md'}")
     return 0
 
 
+cli = command(main)
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

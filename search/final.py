@@ -5,21 +5,22 @@
     python -m search.final --config results/marsseg-1/best_config.yaml --rerank 3    # robust pick
 
 Without `--folds` it trains one model on all cleaned training data for a fixed number of epochs:
-`--epochs`, or the search's best epoch scaled by 1 / (1 - val_fraction) (the final run sees that
-much more data, so it overfits that much later). With `--folds K` it trains K models with early
-stopping on K stratified folds, reports their out-of-fold mIoU, fits per-class decoding offsets
-on the out-of-fold probabilities (`--no-calibration`: none) and averages the K models'
+`--max-epochs`, or the search's best epoch scaled by 1 / (1 - val_fraction) (the final run sees
+that much more data, so it overfits that much later). With `--folds K` it trains K models with
+early stopping on K stratified folds, reports their out-of-fold mIoU, fits per-class decoding
+offsets on the out-of-fold probabilities (`--no-calibration`: none) and averages the K models'
 probabilities. `--rerank N` first retrains the top-N exported configs (the `top-*.yaml` files
 beside `--config`) with a few seeds and keeps the best mean score: one validation split is small
 and noisy.
 
 The folds and the rerank runs are Ray tasks, all submitted at once: `--cpus-per-trial` CPUs
-(torch threads) and `--gpus-per-trial` GPUs each (0.25 packs 4 on a GPU), on a local Ray or a
-cluster (`--address auto`); Ray queues what does not fit, so one core runs them one by one.
-`--threads` and `--device` apply to this process: the all-data model and the test predictions.
-Each fold's weights are saved as it ends (`folds/fold-<k>.pt`, a model file of its own); if a
-fold fails the others still finish, and the command ends naming the fold and its error,
-without a submission.
+(torch threads; default 1) and `--gpus-per-trial` GPUs each (0.25 packs 4 on a GPU), on a local
+Ray or a cluster (`--address auto`); Ray queues what does not fit, so one core runs them one by
+one. `--cpus-per-trial` (default: torch's own) and `--device` also apply to this process: the
+all-data model and the test predictions. Every epoch of every model prints one line as it ends,
+labelled by its fold, rerank run or `all data`. Each fold's weights are saved as it ends
+(`folds/fold-<k>.pt`, a model file of its own); if a fold fails the others still finish, and the
+command ends naming the fold and its error, without a submission.
 
 The output folder gets `submission.csv` (`.csv.gz` with `--compress`), `model.pt` (every
 member's weights, the config and the offsets) and `report.md` with its PNGs.
@@ -33,7 +34,6 @@ as well.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import shlex
 import sys
@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from marsseg.calibrate import Calibration, apply_offsets, fit_offsets, format_offsets
 from marsseg.classes import CLASS_NAMES, NUM_CLASSES, SCORED_CLASSES
-from marsseg.cli import add_decoding_flags, run_cli
+from marsseg.cli import add_decoding_flags, add_max_epochs_flag, command, program, torch_threads
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive, kfold_plans, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError, DataError
@@ -67,13 +67,20 @@ from marsseg.predict import (
 from marsseg.report import write_report
 from marsseg.submission import submission_bytes
 from marsseg.train import fit, prepare_data, resolve_device
+from marsseg.train.loop import OnEpoch
+from marsseg.train.progress import print_epochs
 from search.tasks import (
-    TaskError,
+    EpochLog,
+    EpochReporter,
+    Failures,
+    Run,
     add_resource_flags,
     as_completed,
     start_ray,
+    task_cpus,
     task_threads,
-    train_run,
+    train_runs,
+    training_only,
 )
 
 SAMPLE_IMAGES = 6
@@ -81,9 +88,9 @@ FOLDS_DIR = "folds"
 """Where each fold's weights land as it ends, so a failed fold loses only itself."""
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m search.final",
+        prog=program("search.final", "marsseg-final"),
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]),
@@ -91,14 +98,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, required=True, help="training config (YAML/JSON)")
     parser.add_argument("--data", type=Path, help="archive (default: the synthetic one)")
     parser.add_argument("--folds", type=int, help="train K models on K folds and ensemble them")
-    parser.add_argument("--epochs", type=int, help="epochs (default: derived from the search)")
+    add_max_epochs_flag(
+        parser,
+        "epochs of the all-data model, or the most of each fold (default: from the search's "
+        "best epoch; for folds, the config's max_epochs)",
+    )
     parser.add_argument("--rerank", type=int, help="retrain the top N exported configs first")
-    parser.add_argument("--rerank-seeds", type=int, default=2, help="seeds per reranked config")
+    parser.add_argument(
+        "--rerank-seeds", type=int, default=2, help="seeds per reranked config (default: 2)"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: results/final/<name>)")
     parser.add_argument(
-        "--threads", type=int, help="torch threads here (all-data model, test predictions)"
+        "--workers", type=int, default=0, help="loader workers (online aug; default: 0)"
     )
-    parser.add_argument("--workers", type=int, default=0, help="loader workers (online aug)")
     parser.add_argument(
         "--compress", action="store_true", help="write submission.csv.gz (~1 MB, not ~30 MB)"
     )
@@ -110,25 +122,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="train even on data other than the search's (its provenance checksum)",
     )
-    add_resource_flags(parser, "fold or rerank run")
+    add_resource_flags(
+        parser,
+        "fold or rerank run",
+        cpus_help="CPUs (torch threads) of each fold or rerank run, and torch threads of the "
+        "all-data model and predictions here (default: 1 per run; torch's own here)",
+    )
     add_decoding_flags(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def final_epochs(config: TrainConfig, requested: int | None) -> tuple[int, str]:
     """Epochs for training on all data, and where the number came from."""
     if requested is not None:
-        return requested, "--epochs"
+        return requested, "--max-epochs"
     best = config.provenance.get("best_epoch")
     if best:
         epochs = max(1, math.ceil(best / (1 - config.val_fraction)))
         return epochs, f"search best epoch {best} / (1 - val_fraction {config.val_fraction:g})"
     return config.max_epochs, "the config's max_epochs (no search provenance)"
-
-
-def training_only(archive: MarsArchive) -> MarsArchive:
-    """The archive without its test set: what a training task needs in the object store."""
-    return dataclasses.replace(archive, test_images=None)
 
 
 def rerank(
@@ -149,30 +165,25 @@ def rerank(
     if not candidates:
         raise ConfigError(f"--rerank: no top-*.yaml configs beside {config_path}")
     configs = {path: TrainConfig.load(path) for path in candidates}
-    data = ray.put(training_only(archive))
-    remote = train_run.options(num_cpus=cpus, num_gpus=gpus)
-    jobs = {}
+    runs = {}
     for path, config in configs.items():
         if not 0 < config.val_fraction < 1:
             raise ConfigError(f"--rerank: {path.name} has val_fraction {config.val_fraction:g}")
         for seed in range(seeds):
             split = train_val_split(archive.masks, config.val_fraction, seed)
-            seeded = config.replace(seed=seed)
-            jobs[(path, seed)] = remote.remote(seeded, data, split, task_threads(cpus), workers)
+            name = f"rerank {path.name} seed {seed}"
+            runs[(path, seed)] = Run(name, config.replace(seed=seed), split)
     scores: dict[Path, list[float]] = {path: [] for path in candidates}
-    failures = []
-    for (path, seed), row, reason in as_completed(jobs, desc="rerank"):
+    failures = Failures()
+    done = train_runs(runs, archive, cpus=cpus, gpus=gpus, workers=workers, desc="rerank")
+    for key, row, reason in done:
+        name = runs[key].name
         if reason is not None:
-            failures.append(f"rerank {path.name} seed {seed} failed: {reason}")
-            tqdm.write(failures[-1])
+            failures.add(name, reason)
             continue
-        scores[path].append(row["val_miou"])
-        tqdm.write(
-            f"rerank {path.name} seed {seed}: val mIoU {row['val_miou']:.4f} "
-            f"at epoch {row['best_epoch']}"
-        )
-    if failures:
-        raise TaskError("; ".join(failures))
+        scores[key[0]].append(row["val_miou"])
+        tqdm.write(f"{name}: val mIoU {row['val_miou']:.4f} at epoch {row['best_epoch']}")
+    failures.check()
     return best_mean(configs, scores)
 
 
@@ -198,11 +209,12 @@ def train_fold(
     threads: int,
     workers: int = 0,
     tta: bool = True,
+    on_epoch: OnEpoch | None = None,
 ) -> dict[str, Any]:
     """One fold (a Ray task): its best weights on the CPU, its history, and its out-of-fold
     probabilities (N_val, 5, H, W) float16, flip-averaged with `tta` as the test set will be."""
     data = prepare_data(config, archive, split=split)
-    result = fit(config, data, num_threads=threads, workers=workers)
+    result = fit(config, data, num_threads=threads, workers=workers, on_epoch=on_epoch)
     model = result.model
     device = next(model.parameters()).device
     images = data.val_images
@@ -252,11 +264,19 @@ def train_folds(
     data = ray.put(training_only(archive))  # one copy in the object store for every fold
     remote = _train_fold.options(num_cpus=cpus, num_gpus=gpus)
     threads = task_threads(cpus)
-    jobs = {
-        k: remote.remote(config, data, plan, threads=threads, workers=workers, tta=tta)
-        for k, plan in enumerate(plans)
-    }
-    return collect_folds(config, archive, jobs, folds_dir, metric_aware=metric_aware)
+    log = EpochLog.remote()
+    jobs = {}
+    for k, plan in enumerate(plans):
+        progress = EpochReporter(log, fold_name(k, folds), config.max_epochs)
+        jobs[k] = remote.remote(
+            config, data, plan, threads=threads, workers=workers, tta=tta, on_epoch=progress
+        )
+    return collect_folds(config, archive, jobs, folds_dir, metric_aware=metric_aware, log=log)
+
+
+def fold_name(k: int, folds: int) -> str:
+    """`fold 2/5` for k = 1: how progress lines and messages name a fold."""
+    return f"fold {k + 1}/{folds}"
 
 
 def collect_folds(
@@ -266,20 +286,21 @@ def collect_folds(
     folds_dir: Path,
     *,
     metric_aware: bool,
+    log: ray.actor.ActorHandle | None = None,
 ) -> tuple[list[nn.Module], list[list[dict[str, Any]]], np.ndarray]:
-    """Report and save each fold as it ends and gather the out-of-fold probabilities; name the
-    failed folds together once the others have finished."""
+    """Report and save each fold as it ends (its epoch lines, sent to `log`, before it) and
+    gather the out-of-fold probabilities; name the failed folds together once the others have
+    finished."""
     folds = len(jobs)
     oof = np.zeros((len(archive), NUM_CLASSES, *archive.images.shape[1:]), dtype=np.float16)
     models: dict[int, nn.Module] = {}
     histories: dict[int, list[dict[str, Any]]] = {}
-    failures = []
+    failures = Failures()
     folds_dir.mkdir(parents=True, exist_ok=True)
-    for k, fold, reason in as_completed(jobs, desc="folds"):
-        name = f"fold {k + 1}/{folds}"
+    for k, fold, reason in as_completed(jobs, desc="folds", log=log):
+        name = fold_name(k, folds)
         if reason is not None:
-            failures.append(f"{name} failed: {reason}")
-            tqdm.write(failures[-1])
+            failures.add(name, reason)
             continue
         model = config.model.build()
         model.load_state_dict(fold["weights"])
@@ -290,9 +311,8 @@ def collect_folds(
         preds = decode_probabilities(fold["probs"], metric_aware=metric_aware)
         score = score_masks(preds, archive.masks[val]).mean_iou
         tqdm.write(f"{name}: best epoch {fold['best_epoch']}, val mIoU {score:.4f}")
-    if failures:
-        kept = f"{len(models)} finished fold(s) saved in {folds_dir}" if models else "none finished"
-        raise TaskError("; ".join(failures) + f" ({kept}; no submission written)")
+    kept = f"{len(models)} finished fold(s) saved in {folds_dir}" if models else "none finished"
+    failures.check(f"{kept}; no submission written")
     order = range(folds)
     return [models[k] for k in order], [histories[k] for k in order], oof
 
@@ -333,14 +353,15 @@ class FinalSettings:
     """How `train_final` trains and where it writes: everything but the config and the data.
 
     `config_path` names the config in messages and finds the `top-*.yaml` files `rerank`
-    retrains. `gpus` None asks for 1 per task when Ray has GPUs. `command` is the line the
-    report records (empty: none).
+    retrains. `cpus` None gives each task 1 CPU and leaves this process torch's own threads;
+    `gpus` None asks for 1 per task when Ray has GPUs. `command` is the line the report records
+    (empty: none).
     """
 
     out: Path
     config_path: Path | None = None
     folds: int | None = None
-    epochs: int | None = None
+    max_epochs: int | None = None
     rerank: int | None = None
     rerank_seeds: int = 2
     tta: bool = True
@@ -349,11 +370,10 @@ class FinalSettings:
     compress: bool = False
     force: bool = False
     any_data: bool = False
-    cpus: float = 1
+    cpus: float | None = None
     gpus: float | None = None
     address: str | None = None
     workers: int = 0
-    threads: int | None = None
     device: str | None = None
     command: str = ""
 
@@ -374,7 +394,7 @@ class FinalSettings:
             out=args.out or Path("results") / "final" / args.config.stem,
             config_path=args.config,
             folds=args.folds,
-            epochs=args.epochs,
+            max_epochs=args.max_epochs,
             rerank=args.rerank,
             rerank_seeds=args.rerank_seeds,
             tta=not args.no_tta,
@@ -387,7 +407,6 @@ class FinalSettings:
             gpus=args.gpus_per_trial,
             address=args.address,
             workers=args.workers,
-            threads=args.threads,
             device=args.device,
             command=command,
         )
@@ -452,14 +471,16 @@ def train_final(config: TrainConfig, archive: MarsArchive, settings: FinalSettin
     need = submission_bytes(len(archive.test_images), settings.compress)
     check_output(settings.submission_path, need, what="submission")
     check_data(config, archive, settings)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    threads = torch_threads(settings.cpus)
+    if threads:
+        torch.set_num_threads(threads)
     device = resolve_device(settings.device)
     tasks: dict[str, Any] = {}
     if settings.folds or settings.rerank:
-        gpus = start_ray(settings.address, settings.cpus, settings.gpus)
-        tasks = {"cpus": settings.cpus, "gpus": gpus, "workers": settings.workers}
-        print(f"training runs as Ray tasks, {settings.cpus:g} CPU + {gpus:g} GPU each")
+        cpus = task_cpus(settings.cpus)
+        gpus = start_ray(settings.address, cpus, settings.gpus)
+        tasks = {"cpus": cpus, "gpus": gpus, "workers": settings.workers}
+        print(f"training runs as Ray tasks, {cpus:g} CPU + {gpus:g} GPU each")
     if settings.rerank:
         config = rerank(
             settings.config_path, settings.rerank, settings.rerank_seeds, archive, **tasks
@@ -480,8 +501,8 @@ def _train_ensemble(
 ) -> _Trained:
     """`settings.folds` models, their out-of-fold scores and (when asked) calibration."""
     folds, metric_aware = settings.folds, settings.metric_aware
-    if settings.epochs:
-        config = config.replace(max_epochs=settings.epochs)
+    if settings.max_epochs:
+        config = config.replace(max_epochs=settings.max_epochs)
     models, histories, oof = train_folds(
         config,
         archive,
@@ -520,11 +541,17 @@ def _train_all_data(
     config: TrainConfig, archive: MarsArchive, settings: FinalSettings, device: torch.device
 ) -> _Trained:
     """One model on every cleaned training image, for a fixed number of epochs."""
-    epochs, why = final_epochs(config, settings.epochs)
+    epochs, why = final_epochs(config, settings.max_epochs)
     config = config.replace(val_fraction=0.0, max_epochs=epochs)
     print(f"training on all {len(archive)} images for {epochs} epochs ({why})")
-    fit_args = {"device": device, "num_threads": settings.threads, "workers": settings.workers}
-    result = fit(config, archive, **fit_args)
+    result = fit(
+        config,
+        archive,
+        device=device,
+        num_threads=torch_threads(settings.cpus),
+        workers=settings.workers,
+        on_epoch=print_epochs(epochs, "all data"),
+    )
     facts: dict[str, Any] = {
         "training images (cleaned)": len(archive),
         "training": f"one model on all data, {epochs} epochs ({why})",
@@ -584,5 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+cli = command(main)
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

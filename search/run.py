@@ -404,7 +404,7 @@ def final_settings(args: argparse.Namespace, name: str) -> FinalSettings:
         out=out / "final",
         config_path=out / BEST_CONFIG,
         folds=args.final_folds,
-        epochs=args.final_max_epochs,
+        max_epochs=args.final_max_epochs,
         force=args.force,
         cpus=args.cpus_per_trial,
         gpus=args.gpus_per_trial,

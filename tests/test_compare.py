@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
+import ray
 
 from marsseg.cli import run_cli
 from marsseg.config import TrainConfig
-from search import compare
+from search import compare, tasks
 
 TINY = {"model": {"name": "unet", "knobs": {"depth": 2, "base_channels": 8}}, "batch_size": 32}
 
@@ -45,6 +48,38 @@ def test_summary_keeps_candidate_order_and_measures_the_gain(compared):
     gain = summary["val_miou_mean"][1] - summary["val_miou_mean"][0]
     assert f"{gain:+.4f}" in text
     assert "python -m search.compare" in text and "at most 2 epochs" in text
+
+
+def test_a_failed_run_is_named_and_the_finished_ones_are_kept(
+    ray_env, tiny_archive, tmp_path, monkeypatch, capsys
+):
+    bad_lr = 2e-3
+
+    @ray.remote
+    def flaky(config, *args):
+        if config.optim.lr == bad_lr:
+            raise ValueError("planted failure")
+        return tasks.train_one(config, *args)
+
+    monkeypatch.setattr(tasks, "train_run", flaky)
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    TrainConfig.from_dict({**TINY, "optim": {"lr": 3e-3}}).save(good)
+    TrainConfig.from_dict({**TINY, "optim": {"lr": bad_lr}}).save(bad)
+    out = tmp_path / "out"
+    argv = ["--data", str(tiny_archive), "--max-epochs", "1", "--seeds", "0", "1"]
+    argv += ["--candidate", f"bad={bad}", "--candidate", f"good={good}", "--out", str(out)]
+    assert run_cli(compare.main, argv) == 2
+    captured = capsys.readouterr()
+    for seed in (0, 1):  # each finished run's epochs and result, as they came
+        assert re.search(rf"^good seed {seed}  epoch   1/1  loss ", captured.out, re.M)
+        assert f"good seed {seed}: val mIoU" in captured.out
+        assert f"bad seed {seed} failed: ValueError: planted failure" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "bad seed 0 failed" in err[0] and "bad seed 1 failed" in err[0]
+    runs = pd.read_csv(out / "runs.csv")
+    assert list(zip(runs["candidate"], runs["seed"], strict=True)) == [("good", 0), ("good", 1)]
+    assert list(pd.read_csv(out / "comparison.csv")["candidate"]) == ["good"]
+    assert "- left out: bad: no run finished" in (out / "comparison.md").read_text()
 
 
 @pytest.mark.parametrize(

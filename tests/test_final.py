@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pandas as pd
@@ -84,9 +85,9 @@ def final_run(experiment, tiny_archive, tmp_path_factory):
     args += ["--cpus-per-trial", "1"]
     received = []
 
-    def recording(jobs, desc):
+    def recording(jobs, desc, log=None):
         assert all(isinstance(ref, ray.ObjectRef) for ref in jobs.values())  # Ray tasks
-        for key, result, reason in tasks.as_completed(jobs, desc):
+        for key, result, reason in tasks.as_completed(jobs, desc, log):
             received.append((key, result))
             yield key, result, reason
 
@@ -145,11 +146,12 @@ def test_final_model_reloads_and_reproduces_the_submission(final_run, tiny_archi
     assert again.read_bytes() == (out / "submission.csv").read_bytes()
 
 
-def test_final_compress_writes_a_gzip_submission(experiment, tiny_archive, tmp_path):
+def test_final_compress_writes_a_gzip_submission(experiment, tiny_archive, tmp_path, capsys):
     export.export(Experiment.at(str(experiment)), top_k=1, arch="any", out=tmp_path / "configs")
     args = ["--config", str(tmp_path / "configs" / "best_config.yaml"), "--data", str(tiny_archive)]
     args += ["--epochs", "1", "--out", str(tmp_path / "run"), "--threads", "2", "--compress"]
     assert final_stage.main(args) == 0
+    assert re.search(r"^all data  epoch   1/1  loss ", capsys.readouterr().out, re.M)
     n_test = len(load_archive(tiny_archive).test_images)
     assert not (tmp_path / "run" / "submission.csv").exists()
     preds = read_submission(tmp_path / "run" / "submission.csv.gz", n_rows=n_test)
@@ -225,7 +227,9 @@ def test_no_calibration_stores_no_offsets(ray_env, small_archive, tmp_path, caps
     args = [*fold_args(tmp_path, small_archive), "--out", str(out), "--no-calibration"]
     assert final_stage.main(args) == 0
     printed = capsys.readouterr().out
-    assert "fold 1/2: best epoch 1, val mIoU" in printed and "fold 2/2" in printed
+    for k in (1, 2):  # each fold's epochs as they end, then the fold
+        epoch = re.search(rf"^fold {k}/2  epoch   1/1  loss .* val mIoU ", printed, re.M)
+        assert epoch and epoch.start() < printed.index(f"fold {k}/2: best epoch 1, val mIoU")
     assert "out-of-fold mIoU" in printed and "calibration:" not in printed
     assert load_ensemble(out / "model.pt").offsets is None
     report = (out / "report.md").read_text()
@@ -360,7 +364,7 @@ def test_final_refuses_data_other_than_the_searched_before_training(
 def test_train_final_is_callable_with_a_loaded_archive_and_settings(small_archive, tmp_path):
     archive, _ = load_clean_archive(small_archive)
     config = TrainConfig.from_dict(FAST).replace(provenance={"data_checksum": "0" * 16})
-    settings = final_stage.FinalSettings(out=tmp_path / "run", epochs=1, threads=2, device="cpu")
+    settings = final_stage.FinalSettings(out=tmp_path / "run", max_epochs=1, cpus=2, device="cpu")
     with pytest.raises(DataError, match="the config was searched on data with checksum 0000"):
         final_stage.train_final(config, archive, settings)
     assert not settings.out.exists()

@@ -30,7 +30,7 @@ from marsseg.device import resolve_device
 from marsseg.fileio import check_writable
 from marsseg.predict import save_models
 from marsseg.train import EpochState, fit
-from marsseg.train.keys import IOU_KEYS
+from marsseg.train.progress import epoch_line
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
@@ -73,20 +73,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     if args.seed is not None:
         overrides["seed"] = args.seed
     return config.replace(**overrides), name
-
-
-def epoch_line(metrics: dict[str, Any], max_epochs: int) -> str:
-    """One progress line: epoch, loss, val mIoU and per-class IoU, lr, time."""
-    parts = [f"epoch {metrics['epoch']:>3}/{max_epochs}", f"loss {metrics['train_loss']:.4f}"]
-    if "val_miou" in metrics:
-        per_class = " ".join(
-            f"{key.removeprefix('val_iou_')} {metrics[key]:.3f}" for key in IOU_KEYS.values()
-        )
-        parts += [f"val mIoU {metrics['val_miou']:.4f}", f"[{per_class}]"]
-    parts += [f"lr {metrics['lr']:.1e}", f"{metrics['epoch_time_s']:.1f}s"]
-    if metrics["stop_reason"]:
-        parts.append(f"-> stop: {metrics['stop_reason']}")
-    return "  ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
