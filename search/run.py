@@ -340,14 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--resume needs --name of the experiment to continue")
     name = args.name or f"{settings.space}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.final:
-        check_final_outputs(final_settings(args, name))
+        check_final_outputs(final_settings(args, given, name))
     storage = check_storage(args.storage)
     # Held until the search (and --final) ends: a second driver on `name` is refused.
     with DriverLock(driver_folder(storage, name) / LOCK_FILE, name, args.break_lock):
         experiment, results = run_search(args, given, settings, storage, name)
         report(results, experiment)
         if args.final:
-            run_final(args, experiment)
+            run_final(args, given, experiment)
     return 0
 
 
@@ -397,8 +397,10 @@ def fit_new(
     return results
 
 
-def final_settings(args: argparse.Namespace, name: str) -> FinalSettings:
-    """How `--final` trains and where it writes (checked before the search starts)."""
+def final_settings(args: argparse.Namespace, given: dict[str, Any], name: str) -> FinalSettings:
+    """How `--final` trains and where it writes (checked before the search starts). The folds
+    get a trial's CPUs; this process keeps torch's own threads unless `--cpus-per-trial` was
+    given, as in `search.final`."""
     out = results_folder(name)
     return FinalSettings(
         out=out / "final",
@@ -406,7 +408,7 @@ def final_settings(args: argparse.Namespace, name: str) -> FinalSettings:
         folds=args.final_folds,
         max_epochs=args.final_max_epochs,
         force=args.force,
-        cpus=args.cpus_per_trial,
+        cpus=given.get("cpus_per_trial"),
         gpus=args.gpus_per_trial,
         address=args.address,
         command=f"python -m search.run {' '.join(sys.argv[1:])}",
@@ -420,11 +422,11 @@ def check_final_outputs(settings: FinalSettings) -> None:
     check_writable(settings.out)
 
 
-def run_final(args: argparse.Namespace, experiment: Experiment) -> None:
+def run_final(args: argparse.Namespace, given: dict[str, Any], experiment: Experiment) -> None:
     """search -> export -> final in one go: the best config of `--final-arch`, retrained on
     the whole cleaned archive (not `--limit-images`' share), its folds as Ray tasks on the
     search's own Ray with a trial's resources each."""
-    settings = final_settings(args, experiment.name)
+    settings = final_settings(args, given, experiment.name)
     export(experiment, top_k=5, arch=args.final_arch, out=experiment.results)
     archive, _ = load_clean_archive(args.data or experiment.settings.data)
     train_final(TrainConfig.load(settings.config_path), archive, settings)
