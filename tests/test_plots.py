@@ -1,18 +1,26 @@
-"""The search's plots: drawn from a study and a timeline.
+"""The search's plots: drawn from a study and a timeline, and written by `search.export`.
 
-The study, timeline and Tune's results here are made by hand, so the tests need no Ray run.
+The experiment here is made by hand (its study, timeline and Tune's results), so the tests need
+no Ray run; test_final.py exports the plots of a real search.
 """
 
 from __future__ import annotations
 
 import optuna
 import pandas as pd
+import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from ray.tune import Result
 
+from marsseg.config import TrainConfig
 from marsseg.train.keys import SCORE_KEYS
-from search.plots import rebuilt_study, trial_runs, write_search_plots
+from search import export
+from search.experiment import STUDY_FILE, TIMELINE, Experiment, SearchSettings
+from search.optuna_searcher import sqlite_url
+from search.plots import open_study, rebuilt_study, trial_runs, write_search_plots
+from search.storage import Storage
+from search.timeline import write_timeline
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SEARCH_PLOTS = {"history.png", "intermediate.png", "importances.png"}
@@ -76,6 +84,20 @@ def timeline_rows():
     return rows
 
 
+@pytest.fixture
+def experiment(tmp_path, monkeypatch):
+    """A finished search of TRIALS: its driver files, its study in optuna.db, its timeline, and
+    Tune's results (what `export.read_results` would read)."""
+    storage = Storage(str(tmp_path / "experiments"), shared=False)
+    experiment = Experiment.new(storage, "s", TrainConfig(), SearchSettings())
+    study_of(TRIALS, sqlite_url(experiment.driver / STUDY_FILE))
+    write_timeline(timeline_rows(), experiment.driver / TIMELINE)
+    results = [result(n, *t, experiment.driver) for n, t in enumerate(TRIALS)]
+    monkeypatch.setattr(export, "read_results", lambda _: results)
+    monkeypatch.chdir(tmp_path)  # results/<name> lands here
+    return experiment
+
+
 def pngs(folder):
     return {p.name for p in folder.glob("*.png") if p.read_bytes().startswith(PNG)}
 
@@ -115,3 +137,33 @@ def test_a_study_rebuilt_from_tunes_results_matches_what_the_searcher_told(tmp_p
     assert [t.intermediate_values for t in rebuilt] == [t.intermediate_values for t in told]
     # The parameters that varied, not the constant architecture.
     assert all(t.params.keys() == {"optim.lr", "scheduler.kind"} for t in rebuilt)
+
+
+def test_export_writes_the_plots_without_changing_the_study(experiment):
+    study_file = experiment.driver / STUDY_FILE
+    before = study_file.read_bytes()
+    export.export(experiment, top_k=2, arch="any")
+    assert pngs(experiment.results / "plots") == SEARCH_PLOTS | {"timeline.png"}
+    assert study_file.read_bytes() == before
+    assert len(open_study(experiment).trials) == len(TRIALS)
+
+
+def test_export_without_a_study_plots_the_rebuilt_one(experiment):
+    (experiment.driver / STUDY_FILE).unlink()
+    export.export(experiment, top_k=1, arch="any")
+    assert pngs(experiment.results / "plots") == SEARCH_PLOTS | {"timeline.png"}
+
+
+def test_export_still_exports_when_importances_cannot_be_computed(experiment, capsys):
+    (experiment.driver / STUDY_FILE).unlink()
+    study_of(TRIALS[:1], sqlite_url(experiment.driver / STUDY_FILE))
+    assert export.main(["experiments/s", "--arch", "any"]) == 0
+    assert (experiment.results / "best_config.yaml").is_file()
+    assert "importances.png" not in pngs(experiment.results / "plots")
+    assert "plots: skipped importances.png" in capsys.readouterr().out
+
+
+def test_export_no_plots_writes_none(experiment):
+    assert export.main(["experiments/s", "--arch", "any", "--no-plots"]) == 0
+    assert (experiment.results / "best_config.yaml").is_file()
+    assert not (experiment.results / "plots").exists()
