@@ -1,7 +1,9 @@
-"""`python -m search.export EXPERIMENT`: write the top configurations of a search as YAML files.
+"""`python -m search.export --name NAME`: write the top configurations of a search as YAML files.
 
-    python -m search.export experiments/marsseg-1                 # top 5 MarsSeg configs
-    python -m search.export experiments/default-1 --arch any --top-k 10 --out results/default-1
+    python -m search.export --name marsseg-1                      # top 5 MarsSeg configs
+    python -m search.export --name default-1 --arch any --top-k 10 --out results/default-1
+    python -m search.export --name marsseg-1 --storage s3://bucket/prefix
+    python -m search.export experiments/marsseg-1                 # the folder (or URI) itself
 
 Works on a finished or a running experiment. Each file is a full training config with its
 provenance (trial, score, seed, data checksum, code version): `top-01-<trial>.yaml`, ... and
@@ -14,6 +16,7 @@ holds the search's plots (see `search.plots`; `--no-plots` skips them).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -21,11 +24,11 @@ from pathlib import Path
 
 from ray.tune import ExperimentAnalysis, ResultGrid
 
-from marsseg.cli import run_cli
+from marsseg.cli import command, program
 from marsseg.errors import SearchError
 from marsseg.fileio import check_writable
 from marsseg.models import list_models
-from search.experiment import BEST_CONFIG, LEADERBOARD, TIMELINE, Experiment
+from search.experiment import BEST_CONFIG, DEFAULT_STORAGE, LEADERBOARD, TIMELINE, Experiment
 from search.plots import PLOTS, write_experiment_plots
 from search.results import (
     leaderboard,
@@ -40,10 +43,20 @@ SUMMARY_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "epochs", "best_e
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m search.export", description=__doc__.splitlines()[0]
+        prog=program("search.export", "marsseg-export"), description=__doc__.splitlines()[0]
     )
-    parser.add_argument("experiment", help="experiment folder (or URI) written by search.run")
-    parser.add_argument("--top-k", type=int, default=5, help="how many configs (default 5)")
+    parser.add_argument(
+        "experiment",
+        nargs="?",
+        help="the experiment's folder or URI (instead of --name and --storage)",
+    )
+    parser.add_argument("--name", help="the experiment's name, as search.run --name gave it")
+    parser.add_argument(
+        "--storage",
+        help="where the experiment --name is, as search.run --storage gave it "
+        f"(default: {DEFAULT_STORAGE})",
+    )
+    parser.add_argument("--top-k", type=int, default=5, help="how many configs (default: 5)")
     parser.add_argument(
         "--arch",
         default="marsseg",
@@ -56,6 +69,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-plots", action="store_true", help=f"do not write the search's plots to <out>/{PLOTS}"
     )
     return parser.parse_args(argv)
+
+
+def location(args: argparse.Namespace) -> str:
+    """The experiment's folder or URI: the positional one, or `--storage`/`--name` resolved as
+    `search.run` resolves them (exactly one of the two forms)."""
+    if args.experiment is not None and (args.name is not None or args.storage is not None):
+        raise SearchError(
+            f"give the experiment either as a folder ({args.experiment}) or as --name "
+            "[--storage], not both"
+        )
+    if args.experiment is not None:
+        return args.experiment
+    if args.name is None:
+        raise SearchError(
+            "no experiment given: name it with --name NAME [--storage S], or give its folder"
+        )
+    storage = os.path.expanduser(args.storage or DEFAULT_STORAGE)  # as search.run's check does
+    return f"{storage.rstrip('/')}/{args.name}"
 
 
 def read_results(experiment: Experiment) -> ResultGrid:
@@ -110,9 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.out is not None:
         check_writable(args.out)  # before the experiment is even looked for
-    export(Experiment.at(args.experiment), args.top_k, args.arch, args.out, not args.no_plots)
+    experiment = Experiment.at(location(args))
+    export(experiment, args.top_k, args.arch, args.out, plots=not args.no_plots)
     return 0
 
 
+cli = command(main)
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

@@ -13,6 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from ray.tune import Result
 
+from marsseg.cli import run_cli
 from marsseg.config import TrainConfig
 from marsseg.train.keys import SCORE_KEYS
 from search import export
@@ -157,13 +158,49 @@ def test_export_without_a_study_plots_the_rebuilt_one(experiment):
 def test_export_still_exports_when_importances_cannot_be_computed(experiment, capsys):
     (experiment.driver / STUDY_FILE).unlink()
     study_of(TRIALS[:1], sqlite_url(experiment.driver / STUDY_FILE))
-    assert export.main(["experiments/s", "--arch", "any"]) == 0
+    assert export.main(["--name", "s", "--arch", "any"]) == 0
     assert (experiment.results / "best_config.yaml").is_file()
     assert "importances.png" not in pngs(experiment.results / "plots")
     assert "plots: skipped importances.png" in capsys.readouterr().out
 
 
 def test_export_no_plots_writes_none(experiment):
-    assert export.main(["experiments/s", "--arch", "any", "--no-plots"]) == 0
+    assert export.main(["--name", "s", "--arch", "any", "--no-plots"]) == 0
     assert (experiment.results / "best_config.yaml").is_file()
     assert not (experiment.results / "plots").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--name", "s"], ["--name", "s", "--storage", "experiments"], ["experiments/s"]],
+    ids=["name", "name-storage", "positional"],
+)
+def test_name_and_storage_or_the_folder_find_the_same_experiment(experiment, argv, tmp_path):
+    found = Experiment.at(export.location(export.parse_args(argv)))
+    assert found.uri == experiment.uri and found.name == "s"
+    assert export.main([*argv, "--arch", "any", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "plots" / "history.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "no experiment given: name it with --name"),
+        (["experiments/s", "--name", "s"], "either as a folder (experiments/s) or as --name"),
+        (["experiments/s", "--storage", "x"], "not both"),
+    ],
+)
+def test_the_experiment_is_named_exactly_once(experiment, capsys, argv, message):
+    assert run_cli(export.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_help_names_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        export.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "(default: None)" not in text and text.count("(default") == 4
+    )  # storage, top-k, arch, out
+    assert "(default: experiments)" in text and "--no-plots" in text
