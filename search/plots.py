@@ -235,9 +235,23 @@ def _no_importances(done: Sequence[optuna.trial.FrozenTrial]) -> str | None:
 
 
 def _importances(study: optuna.Study) -> Axes:
-    ax = optuna_plots.plot_param_importances(study, target_name=OBJECTIVE_NAME)
+    """Optuna's importances, one bar per parameter, the figure as tall as they need.
+
+    On a small search the evaluator warns once per parameter that some of its values were
+    tried fewer than twice: true, and one line says it instead of one per parameter."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        ax = optuna_plots.plot_param_importances(study, target_name=OBJECTIVE_NAME)
     if not ax.patches:  # Optuna found nothing to rank: an empty chart would only mislead
         raise ValueError("no parameter could be ranked")
+    rough = [w for w in caught if "less than 2 trials" in str(w.message)]
+    if rough:
+        print("plots: importances.png: some parameter values were tried once; a rough ranking")
+    for other in caught:
+        if other not in rough:
+            warnings.warn(other.message, other.category, stacklevel=2)
+    width, height = ax.figure.get_size_inches()
+    ax.figure.set_size_inches(width, max(height, 1.5 + 0.22 * len(ax.get_yticks())))
     return ax
 
 
