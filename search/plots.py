@@ -32,7 +32,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
-from optuna.exceptions import ExperimentalWarning
+from optuna.exceptions import ExperimentalWarning, OptunaError
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from optuna.visualization import matplotlib as optuna_plots
@@ -114,17 +114,21 @@ def plot_timeline(runs: Sequence[TrialRun]) -> Axes:
 
 def open_study(experiment: Experiment, results: Iterable[Result] | None = None) -> optuna.Study:
     """The search's Optuna study, read from `optuna.db` without writing to it (a running search
-    may be writing); rebuilt from Tune's trial `results` when the experiment has no study."""
+    may be writing); rebuilt from Tune's trial `results` when the experiment has no study or
+    it cannot be read (one line says so)."""
     path = experiment.driver / STUDY_FILE
     if path.is_file():
-        # Read-only (SQLite's URI mode): an export must never change the search's study.
-        storage = RDBStorage(
-            f"sqlite:///file:{path.resolve()}?mode=ro&uri=true", skip_table_creation=True
-        )
         try:
+            # Read-only (SQLite's URI mode): an export must never change the search's study.
+            storage = RDBStorage(
+                f"sqlite:///file:{path.resolve()}?mode=ro&uri=true", skip_table_creation=True
+            )
             return optuna.load_study(study_name=experiment.name, storage=storage)
         except KeyError:
-            pass  # a study under another name: not this search's
+            print(f"plots: {STUDY_FILE} holds no study {experiment.name}; plotting Tune's results")
+        except (OptunaError, RuntimeError) as err:  # a damaged file; a schema of another Optuna
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"plots: cannot read {STUDY_FILE} ({reason}); plotting Tune's results")
     return rebuilt_study(results or [], experiment.name)
 
 

@@ -149,10 +149,14 @@ def test_export_writes_the_plots_without_changing_the_study(experiment):
     assert len(open_study(experiment).trials) == len(TRIALS)
 
 
-def test_export_without_a_study_plots_the_rebuilt_one(experiment):
+@pytest.mark.parametrize("study", [None, b"", b"not a database"], ids=["missing", "empty", "junk"])
+def test_export_without_a_readable_study_plots_the_rebuilt_one(experiment, study, capsys):
     (experiment.driver / STUDY_FILE).unlink()
+    if study is not None:
+        (experiment.driver / STUDY_FILE).write_bytes(study)
     export.export(experiment, top_k=1, arch="any")
     assert pngs(experiment.results / "plots") == SEARCH_PLOTS | {"timeline.png"}
+    assert ("cannot read optuna.db" in capsys.readouterr().out) == (study is not None)
 
 
 def test_export_still_exports_when_importances_cannot_be_computed(experiment, capsys):
