@@ -46,6 +46,8 @@ DRIVER_FILES = (BASE_CONFIG, SETTINGS, STUDY_FILE, LEADERBOARD, BEST_CONFIG, TIM
 """What the driver writes beside the trials, and uploads when the storage is shared."""
 LOCK_FILE = "driver.lock"
 """Held by the driver running the experiment (see `search.lock`); never uploaded."""
+DEFAULT_STORAGE = "experiments"
+"""Where experiments go without `--storage`: a folder under the working directory."""
 SAMPLERS = ("tpe", "random")
 """Optuna samplers: random is the baseline `benchmarks.search_efficiency` compares TPE with."""
 SCHEDULERS = ("asha", "fifo")

@@ -46,6 +46,7 @@ from search.capacity import (
 )
 from search.experiment import (
     BEST_CONFIG,
+    DEFAULT_STORAGE,
     LEADERBOARD,
     LOCK_FILE,
     SAMPLERS,
@@ -87,7 +88,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "cpus_per_trial": 1.0,
     "gpus_per_trial": None,
     "address": None,
-    "storage": "experiments",
+    "storage": DEFAULT_STORAGE,
     "name": None,
     "resume": False,
     "break_lock": False,

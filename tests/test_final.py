@@ -52,6 +52,8 @@ def test_export_writes_top_k_configs_that_load_and_train(experiment, tiny_archiv
     board = pd.read_csv(tmp_path / "leaderboard.csv")  # every trial, not only the top 2
     assert len(board) == 3 and board["val_miou"].is_monotonic_decreasing
     assert (tmp_path / "timeline.csv").read_text() == (experiment / "timeline.csv").read_text()
+    # The trials reported epochs, which the study and the timeline recorded: always drawable.
+    assert {"intermediate.png", "timeline.png"} <= {p.name for p in (tmp_path / "plots").iterdir()}
     result = fit(best.replace(max_epochs=1), load_archive(tiny_archive), num_threads=2)
     assert result.history[0]["epoch"] == 1
 
