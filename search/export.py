@@ -41,7 +41,7 @@ from search.timeline import read_timeline, summarise_timeline
 SUMMARY_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "epochs", "best_epoch", "val_miou"]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program("search.export", "marsseg-export"), description=__doc__.splitlines()[0]
     )
@@ -68,7 +68,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-plots", action="store_true", help=f"do not write the search's plots to <out>/{PLOTS}"
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def location(args: argparse.Namespace) -> str:

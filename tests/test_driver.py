@@ -142,7 +142,7 @@ def test_a_dead_drivers_lock_is_taken_over_and_the_search_says_what_next(
     assert len(pd.read_csv(tmp_path / "stale" / LEADERBOARD)) == 1
     uri = tmp_path / "stale"
     assert f"watch it: tensorboard --logdir {uri}" in out
-    assert f"next:     python -m search.export {uri}" in out
+    assert f"next:     python -m search.export --name stale --storage {tmp_path}" in out
     assert "python -m search.final --config results/stale/best_config.yaml --data " in out
 
 
