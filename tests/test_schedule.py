@@ -15,7 +15,13 @@ from marsseg.data.synthetic import generate
 from marsseg.errors import ConfigError
 from marsseg.losses import CombinedLoss
 from marsseg.train import evaluate, fit, prepare_data
-from marsseg.train.schedule import build_ema, build_scheduler, total_steps, warmup_cosine
+from marsseg.train.schedule import (
+    build_ema,
+    build_scheduler,
+    continue_on_curve,
+    total_steps,
+    warmup_cosine,
+)
 
 LR = 3e-3
 
@@ -178,6 +184,31 @@ def test_ema_and_onecycle_resume_exactly(small_archive, tmp_path):
     resumed = resumed_after(cfg, small_archive, tmp_path, epoch=2)
     assert [m["epoch"] for m in resumed] == [3, 4]
     assert without_timing(resumed) == without_timing(uninterrupted[2:])
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "cosine"])
+def test_a_longer_budget_goes_on_along_its_own_curve_from_the_step_reached(kind):
+    """A run extended from 10 steps to 20 uses, from step 10 on, the lrs of a run planned with
+    20 from the start, and can step to the new end (onecycle refuses to step past its own)."""
+    schedule = config(scheduler={"kind": kind}).scheduler
+    weight = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.AdamW([weight], lr=LR)
+    short = build_scheduler(schedule, optimizer, 10)
+    for _ in range(10):
+        optimizer.step()
+        short.step()
+    saved = optimizer.state_dict(), short.state_dict()
+    optimizer = torch.optim.AdamW([weight], lr=LR)  # as `fit` resumes: built afresh, then loaded
+    longer = build_scheduler(schedule, optimizer, 20)
+    optimizer.load_state_dict(saved[0])
+    continue_on_curve(longer, saved[1])
+    used = []
+    for _ in range(10):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        longer.step()
+    used.append(optimizer.param_groups[0]["lr"])
+    assert used == pytest.approx(lrs_over({"kind": kind}, 20)[10:], rel=1e-9)
 
 
 def test_random_flip_flips_about_half_of_each_batch_consistently():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from train_helpers import resumed_after, without_timing
+from train_helpers import resumed_after, small_config, without_timing
 
 from marsseg.config import TrainConfig
 from marsseg.data import archive_from_arrays
@@ -26,20 +26,6 @@ def small_archive():
     """160 synthetic training images (7 aliens kept: they are harmless here) and 8 test images."""
     s = generate(n_train=160, n_test=8, seed=3)
     return archive_from_arrays(s.training_set, s.test_set)
-
-
-def small_config(**changes) -> TrainConfig:
-    base = {
-        "model": {"name": "unet", "knobs": {"depth": 2, "base_channels": 8}},
-        "optim": {"lr": 3e-3},
-        "batch_size": 16,
-        "max_epochs": 3,
-        "val_fraction": 0.25,
-        "augment": {"preset": "none"},
-        "oversample": 2.0,
-    }
-    base.update(changes)
-    return TrainConfig.from_dict(base)
 
 
 def run(config, archive, tmp_path, **kwargs):

@@ -1,4 +1,5 @@
-"""Helpers shared by the trainer's tests: an interrupted-then-resumed run, metrics minus timing."""
+"""Helpers shared by the trainer's tests: a small config, an interrupted-then-resumed run, metrics
+minus timing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from marsseg.config import TrainConfig
 from marsseg.train import fit
 
 TIMING_KEYS = {"epoch_time_s", "train_images_per_s", "data_wait_fraction"}
+
+
+def small_config(**changes: Any) -> TrainConfig:
+    """A U-Net small enough to train an epoch in a second or two on a few dozen images."""
+    base = {
+        "model": {"name": "unet", "knobs": {"depth": 2, "base_channels": 8}},
+        "optim": {"lr": 3e-3},
+        "batch_size": 16,
+        "max_epochs": 3,
+        "val_fraction": 0.25,
+        "augment": {"preset": "none"},
+        "oversample": 2.0,
+    }
+    base.update(changes)
+    return TrainConfig.from_dict(base)
 
 
 def without_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -81,7 +81,9 @@ def fit(
 
     `checkpoint` resumes from a file written by `EpochState.save`, or from the newest readable
     one of several (newest first; see `EpochState.load_newest`): a damaged file is skipped with
-    a printed line, and when none can be read the run starts fresh, saying so. `num_threads`
+    a printed line, and when none can be read the run starts fresh, saying so. A checkpoint of
+    another `max_epochs` continues to this one (`check_continuable`): more epochs extend a run,
+    even a finished one, but not one that early stopping ended. `num_threads`
     caps torch's CPU threads (a Ray trial passes its CPU share); `workers` is the number of
     DataLoader processes for online augmentation. `channels_last` stores the model and training
     batches NHWC (None: on CUDA only, where cudnn's tensor-core kernels want it); a benchmark
@@ -120,8 +122,9 @@ def fit(
     batches = Batches(data, config, device, workers)
 
     stop_reason = "max_epochs" if state.epoch >= config.max_epochs else ""
-    if state.history and state.history[-1].get(keys.FINISHED):
-        stop_reason = state.history[-1][keys.STOP_REASON]
+    last = state.history[-1] if state.history else {}
+    if last.get(keys.FINISHED) and last[keys.STOP_REASON] != "max_epochs":
+        stop_reason = last[keys.STOP_REASON]  # early stopping is final; more epochs extend a run
     while not stop_reason:
         epoch = state.epoch  # 0-based index of the epoch about to run
         torch.manual_seed(epoch_seed(config.seed, epoch))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,6 +84,21 @@ def build_scheduler(
         )
         return LambdaLR(optimizer, curve)
     return LambdaLR(optimizer, _constant)
+
+
+def continue_on_curve(scheduler: LRScheduler, saved: dict[str, Any]) -> None:
+    """Resume a per-batch schedule saved by a run of another `max_epochs` on `scheduler`, built
+    over the new budget: from the step the run reached, on the new budget's curve.
+
+    The run then follows the curve a run planned that long from the start follows, and ends
+    where its budget ends (see the module docstring). Running on along the old curve instead
+    would hold the lr at that curve's floor (onecycle's lr / 25e4, cosine's `min_lr`), where
+    more epochs barely train. The price is a step in the lr at the seam, up to where the longer
+    curve stands (a warm restart). ReduceLROnPlateau has no curve and is not passed here.
+    """
+    progress = {"last_epoch": saved["last_epoch"] - 1, "_step_count": saved["_step_count"] - 1}
+    scheduler.load_state_dict({**scheduler.state_dict(), **progress})
+    scheduler.step()  # sets the optimiser's lr (and onecycle's momentum) at the step reached
 
 
 def warmup_cosine(step: int, *, steps: int, warmup: int, floor: float) -> float:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from marsseg.config import TrainConfig
 from marsseg.errors import CheckpointError, ConfigError
 from marsseg.fileio import atomic_path
-from marsseg.train.schedule import Scheduler
+from marsseg.train.schedule import Scheduler, continue_on_curve
 
 
 @dataclass
@@ -76,13 +76,16 @@ class EpochState:
         """Restore everything from a checkpoint written by `save` (tensors and plain data only).
 
         A file that cannot be read raises `CheckpointError` before anything is restored; one
-        written by another config raises `ConfigError`."""
+        that cannot continue as this config (`check_continuable`) raises `ConfigError`."""
         state = read_checkpoint(path)
-        if TrainConfig.from_dict(state["config"]) != self.config:
-            raise ConfigError(f"checkpoint {path} was written by a run with another config")
+        saved = TrainConfig.from_dict(state["config"])
+        check_continuable(path, saved, state["epoch"], self.config)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if saved == self.config or not self.config.scheduler.per_batch:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            continue_on_curve(self.scheduler, state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         for key in ("epoch", "best_score", "best_epoch", "bad_epochs", "best_weights", "history"):
@@ -115,6 +118,41 @@ class EpochState:
         if damaged:
             say(f"no readable checkpoint ({damaged} damaged): starting from scratch")
         return None
+
+
+def check_continuable(
+    path: str | os.PathLike, saved: TrainConfig, epochs_run: int, config: TrainConfig
+) -> None:
+    """Refuse (`ConfigError`) to continue a checkpoint of `saved` after `epochs_run` epochs as
+    `config`, unless the two differ at most in `max_epochs` and that still covers the epochs run.
+
+    `max_epochs` alone may change because nothing trained so far depends on it but a per-batch
+    schedule's length, which `continue_on_curve` carries over: more epochs extend a run, even a
+    finished one. Any other change would make the checkpoint's weights those of another run.
+    """
+    differing = _differing_fields(saved.to_dict(), config.to_dict()) - {"max_epochs"}
+    if differing:
+        raise ConfigError(
+            f"checkpoint {path} was written by a run with another config "
+            f"(it differs in {', '.join(sorted(differing))})"
+        )
+    if config.max_epochs < epochs_run:
+        raise ConfigError(
+            f"max_epochs {config.max_epochs} is fewer than the {epochs_run} epochs "
+            f"checkpoint {path} has already run"
+        )
+
+
+def _differing_fields(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted names of the leaves where two configs' dicts differ (`optim.lr`)."""
+    names = set()
+    for key in a.keys() | b.keys():
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            names |= _differing_fields(x, y, f"{prefix}{key}.")
+        elif x != y:
+            names.add(f"{prefix}{key}")
+    return names
 
 
 CHECKPOINT_KEYS = (
