@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from train_helpers import resumed_after, without_timing
+from train_helpers import resumed_after, small_config, without_timing
 
 from marsseg.config import TrainConfig, preset
 from marsseg.data import archive_from_arrays
@@ -33,17 +33,8 @@ def small_archive():
 
 
 def config(**changes) -> TrainConfig:
-    base = {
-        "model": {"name": "unet", "knobs": {"depth": 2, "base_channels": 8}},
-        "optim": {"lr": LR},
-        "batch_size": 16,
-        "max_epochs": 3,
-        "val_fraction": 0.25,
-        "augment": {"preset": "none"},
-        "oversample": 1.0,
-    }
-    base.update(changes)
-    return TrainConfig.from_dict(base)
+    """The trainer tests' small U-Net at lr LR, without oversampling unless a test asks."""
+    return small_config(**{"optim": {"lr": LR}, "oversample": 1.0, **changes})
 
 
 def lrs_over(schedule: dict, steps: int) -> list[float]:
