@@ -78,7 +78,6 @@ from search.tasks import (
     as_completed,
     start_ray,
     task_cpus,
-    task_threads,
     train_runs,
     training_only,
 )
@@ -263,7 +262,7 @@ def train_folds(
     plans = kfold_plans(archive.masks, folds, config.seed)
     data = ray.put(training_only(archive))  # one copy in the object store for every fold
     remote = _train_fold.options(num_cpus=cpus, num_gpus=gpus)
-    threads = task_threads(cpus)
+    threads = torch_threads(cpus)
     log = EpochLog.remote()
     jobs = {}
     for k, plan in enumerate(plans):
@@ -310,7 +309,10 @@ def collect_folds(
         oof[val] = fold["probs"]
         preds = decode_probabilities(fold["probs"], metric_aware=metric_aware)
         score = score_masks(preds, archive.masks[val]).mean_iou
-        tqdm.write(f"{name}: best epoch {fold['best_epoch']}, val mIoU {score:.4f}")
+        tqdm.write(
+            f"{name}: best epoch {fold['best_epoch']}, val mIoU {score:.4f}"
+            " (decoded as the submission is, unlike the epoch lines)"
+        )
     kept = f"{len(models)} finished fold(s) saved in {folds_dir}" if models else "none finished"
     failures.check(f"{kept}; no submission written")
     order = range(folds)

@@ -22,7 +22,7 @@ import ray
 from ray.actor import ActorHandle
 from tqdm import tqdm
 
-from marsseg.cli import add_cpus_flag
+from marsseg.cli import add_cpus_flag, torch_threads
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.errors import MarsSegError
@@ -68,11 +68,6 @@ def start_ray(address: str | None, cpus: float, gpus: float | None) -> float:
     gpus = gpus if gpus is not None else (1.0 if cap.gpus else 0.0)
     check_trial_resources(cap, cpus, gpus)
     return gpus
-
-
-def task_threads(cpus: float) -> int:
-    """Torch threads of a task granted `cpus` CPUs (a fraction still gets one)."""
-    return max(1, int(cpus))
 
 
 def training_only(archive: MarsArchive) -> MarsArchive:
@@ -170,7 +165,7 @@ def train_runs(
             run.config,
             data,
             run.split,
-            task_threads(cpus),
+            torch_threads(cpus),
             workers,
             EpochReporter(log, run.name, run.config.max_epochs),
         )
