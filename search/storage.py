@@ -144,16 +144,17 @@ def upload_files(folder: Path, names: Iterable[str], target: str) -> None:
 
 def download_files(target: str, names: Iterable[str], folder: Path) -> list[str]:
     """Copy the files `names` that exist at the folder or URI `target` into `folder`; return
-    the names copied."""
+    the names copied. `folder` is created only when there is a file to copy, so asking for an
+    experiment that does not exist leaves no empty folder behind."""
     import pyarrow.fs
 
     fs, root = pyarrow.fs.FileSystem.from_uri(target)
-    folder.mkdir(parents=True, exist_ok=True)
     fetched = []
     for name in names:
         remote = f"{root.rstrip('/')}/{name}"
         if fs.get_file_info(remote).type != pyarrow.fs.FileType.File:
             continue
+        folder.mkdir(parents=True, exist_ok=True)
         pyarrow.fs.copy_files(
             remote,
             str((folder / name).resolve()),

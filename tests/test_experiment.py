@@ -104,8 +104,10 @@ def test_shared_storage_gets_the_driver_files_and_a_new_driver_fetches_them(tmp_
         resumed.check_data("def", "other.npz")
 
 
-def test_export_location_parsing(tmp_path):
+def test_export_location_parsing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SearchError, match="no search experiment at"):
         Experiment.at(str(tmp_path / "missing"))
     with pytest.raises(SearchError, match="no search experiment at"):
         Experiment.at(f"file://{tmp_path}/missing")
+    assert not (tmp_path / "experiments").exists()  # a failed lookup leaves no driver folder
