@@ -311,6 +311,16 @@ def test_typos_and_fractional_resources_fail_rays_validation(offline, path, muta
 # --- a multi-node Ray on this machine -----------------------------------------------------------
 
 
+@pytest.fixture
+def head_folder(tmp_path, monkeypatch) -> Path:
+    """The driver's working folder: with shared (file://) storage it keeps its files in
+    ./experiments/<name>, which must not land in the checkout the tests run from."""
+    head = tmp_path / "head"
+    head.mkdir()
+    monkeypatch.chdir(head)
+    return head
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A head with no CPU (the driver only) and two one-GPU workers, shared by this module."""
@@ -392,7 +402,7 @@ def test_storage_says_whether_every_node_reaches_it(tmp_path):
 
 
 def test_trials_spread_over_worker_nodes_and_share_gpus(
-    ray_cluster, synthetic_archive_path, tmp_path
+    ray_cluster, synthetic_archive_path, tmp_path, head_folder
 ):
     storage = f"file://{tmp_path}"
     args = search_args(synthetic_archive_path, storage, "spread", samples=4, epochs=2)
@@ -402,6 +412,7 @@ def test_trials_spread_over_worker_nodes_and_share_gpus(
     experiment = tmp_path / "spread"
     board = pd.read_csv(experiment / "leaderboard.csv")  # beside the trials: file:// is shared
     assert (experiment / "optuna.db").is_file()
+    assert (head_folder / "experiments" / "spread" / "optuna.db").is_file()  # the driver's copy
     assert len(board) == 4 and set(board["status"]) <= {"complete", "stopped"}
     runs = epochs_per_trial(experiment)
     used = {e.node_id for epochs in runs.values() for e in epochs}
@@ -440,7 +451,7 @@ def test_node_local_storage_is_refused_on_a_multi_node_cluster(
 
 
 def test_trials_of_a_lost_node_resume_from_their_checkpoints_on_another(
-    ray_cluster, synthetic_archive_path, tmp_path
+    ray_cluster, synthetic_archive_path, tmp_path, head_folder
 ):
     """Kill a worker node while each of its trials is mid-run with a checkpoint on storage."""
     samples, epochs = 4, 4
