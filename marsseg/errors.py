@@ -31,3 +31,10 @@ class SearchError(MarsSegError):
 class OutputError(MarsSegError):
     """An output path that cannot be written: not a folder, not writable, or on a disk with too
     little free space. Raised before the work whose result would be lost."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message (its type's name when it has none): what a
+    one-line message quotes of an error whose full text may run to a page."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -26,7 +26,7 @@ from marsseg.classes import NUM_CLASSES
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.device import memory_format_for, resolve_device
-from marsseg.errors import ConfigError, DataError
+from marsseg.errors import ConfigError, DataError, first_line
 from marsseg.fileio import atomic_path
 from marsseg.metrics import decode
 from marsseg.precision import autocast
@@ -222,7 +222,7 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
         try:
             model.load_state_dict(weights)
         except (RuntimeError, TypeError, AttributeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise ConfigError(
                 f"{path}: member {k}'s weights do not fit its config's {config.model.name} "
                 f"({first.rstrip(':.')})"

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from marsseg.classes import IMAGE_HEIGHT, IMAGE_WIDTH, NUM_CLASSES
-from marsseg.errors import DataError
+from marsseg.errors import DataError, first_line
 from marsseg.fileio import naming
 
 PIXELS = IMAGE_HEIGHT * IMAGE_WIDTH
@@ -112,8 +112,7 @@ def _validated_masks(pred_masks: np.ndarray) -> np.ndarray:
     try:
         masks = np.asarray(pred_masks)
     except (TypeError, ValueError) as err:
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"predictions are not an array: {first_line}") from err
+        raise DataError(f"predictions are not an array: {first_line(err)}") from err
     expected = f"(M, {IMAGE_HEIGHT}, {IMAGE_WIDTH})"
     if masks.ndim != 3 or masks.shape[1:] != (IMAGE_HEIGHT, IMAGE_WIDTH):
         raise DataError(f"predictions must have shape {expected}, got {masks.shape}")

@@ -17,7 +17,7 @@ from typing import Any
 import ray
 import yaml
 
-from marsseg.errors import SearchError
+from marsseg.errors import SearchError, first_line
 
 AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")
 """Where `ray up` leaves the cluster config on the head node (Ray Tune looks for the same file
@@ -75,7 +75,7 @@ def connect(address: str | None) -> None:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise SearchError(
             f"cannot connect to Ray at {address or 'a new local instance'}: {first}"
         ) from None

@@ -38,6 +38,7 @@ from optuna.trial import TrialState
 from optuna.visualization import matplotlib as optuna_plots
 
 from marsseg.data.figures import save_figure  # also selects the Agg backend: files only
+from marsseg.errors import first_line
 from marsseg.train.keys import EPOCH, FINISHED, VAL_MIOU_BEST
 from search.experiment import STUDY_FILE, TIMELINE, Experiment
 from search.results import OBJECTIVE
@@ -127,7 +128,7 @@ def open_study(experiment: Experiment, results: Iterable[Result] | None = None) 
         except KeyError:
             print(f"plots: {STUDY_FILE} holds no study {experiment.name}; plotting Tune's results")
         except (OptunaError, RuntimeError) as err:  # a damaged file; a schema of another Optuna
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             print(f"plots: cannot read {STUDY_FILE} ({reason}); plotting Tune's results")
     return rebuilt_study(results or [], experiment.name)
 
@@ -274,7 +275,7 @@ def _draw(draw: Callable[[], Axes], path: Path, missing: str | None) -> Path | N
                 figure.tight_layout()  # Optuna's leave long parameter names and legends cut off
                 return save_figure(figure, path)
             except (ValueError, RuntimeError, ZeroDivisionError) as err:
-                missing = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+                missing = first_line(err)
             finally:
                 for number in set(plt.get_fignums()) - before:  # a plot that failed half-way
                     plt.close(number)

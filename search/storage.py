@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from marsseg.errors import SearchError
+from marsseg.errors import SearchError, first_line
 from search.capacity import Capacity
 
 SHARED_PATH_SCHEME = "file"
@@ -77,7 +77,7 @@ def _check_remote(storage: str) -> None:
             stream.write(b"ok")
         fs.delete_file(probe)
     except Exception as err:  # pyarrow raises many kinds; all mean "cannot use it"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise SearchError(f"storage {storage} is not writable: {first}") from None
 
 
