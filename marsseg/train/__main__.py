@@ -38,9 +38,8 @@ from marsseg.errors import CheckpointError, ConfigError
 from marsseg.fileio import check_writable
 from marsseg.predict import save_models
 from marsseg.train import EpochState, fit
-from marsseg.train.keys import FINISHED, STOP_REASON
 from marsseg.train.progress import epoch_line
-from marsseg.train.state import check_continuable, read_checkpoint
+from marsseg.train.state import check_continuable, ended_for_good, read_checkpoint
 
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
@@ -141,8 +140,7 @@ def continued_config(
         check_continuable(path, saved, epochs, config)
     except ConfigError as error:
         raise ConfigError(f"{error}; --fresh starts over, --out another folder keeps it") from None
-    last = state["history"][-1] if state["history"] else {}
-    if last.get(FINISHED) and last[STOP_REASON] == "early_stopping":
+    if ended_for_good(state["history"]):
         if config.max_epochs > saved.max_epochs:
             print(
                 f"the run in {path.parent} stopped early at epoch {epochs}: more epochs do not "

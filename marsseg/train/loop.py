@@ -47,7 +47,7 @@ from marsseg.train.schedule import (
     epoch_rng,
     total_steps,
 )
-from marsseg.train.state import EpochState
+from marsseg.train.state import EpochState, ended_for_good
 
 
 @dataclass
@@ -121,10 +121,9 @@ def fit(
     criterion = CombinedLoss(config.loss, class_weights=weights).to(device)
     batches = Batches(data, config, device, workers)
 
-    stop_reason = "max_epochs" if state.epoch >= config.max_epochs else ""
-    last = state.history[-1] if state.history else {}
-    if last.get(keys.FINISHED) and last[keys.STOP_REASON] != "max_epochs":
-        stop_reason = last[keys.STOP_REASON]  # early stopping is final; more epochs extend a run
+    stop_reason = ended_for_good(state.history) or (
+        "max_epochs" if state.epoch >= config.max_epochs else ""
+    )
     while not stop_reason:
         epoch = state.epoch  # 0-based index of the epoch about to run
         torch.manual_seed(epoch_seed(config.seed, epoch))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from marsseg.config import TrainConfig
 from marsseg.errors import CheckpointError, ConfigError
 from marsseg.fileio import atomic_path
+from marsseg.train import keys
 from marsseg.train.schedule import Scheduler, continue_on_curve
 
 
@@ -118,6 +119,15 @@ class EpochState:
         if damaged:
             say(f"no readable checkpoint ({damaged} damaged): starting from scratch")
         return None
+
+
+def ended_for_good(history: list[dict[str, Any]]) -> str:
+    """Why the run of `history` ended beyond reopening ('' when more epochs may continue it):
+    a run that used up its epochs can be extended, one that early stopping ended cannot."""
+    last = history[-1] if history else {}
+    if last.get(keys.FINISHED) and last[keys.STOP_REASON] != "max_epochs":
+        return last[keys.STOP_REASON]
+    return ""
 
 
 def check_continuable(
