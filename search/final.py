@@ -37,7 +37,7 @@ import argparse
 import math
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,16 +70,12 @@ from marsseg.train import fit, prepare_data, resolve_device
 from marsseg.train.loop import OnEpoch
 from marsseg.train.progress import print_epochs
 from search.tasks import (
-    EpochLog,
-    EpochReporter,
     Failures,
     Run,
     add_resource_flags,
-    as_completed,
     start_ray,
     task_cpus,
     train_runs,
-    training_only,
 )
 
 SAMPLE_IMAGES = 6
@@ -260,17 +256,10 @@ def train_folds(
     """K models on K stratified folds as Ray tasks, and the out-of-fold probabilities of every
     training image (each is in exactly one fold's validation set); see `collect_folds`."""
     plans = kfold_plans(archive.masks, folds, config.seed)
-    data = ray.put(training_only(archive))  # one copy in the object store for every fold
-    remote = _train_fold.options(num_cpus=cpus, num_gpus=gpus)
-    threads = torch_threads(cpus)
-    log = EpochLog.remote()
-    jobs = {}
-    for k, plan in enumerate(plans):
-        progress = EpochReporter(log, fold_name(k, folds), config.max_epochs)
-        jobs[k] = remote.remote(
-            config, data, plan, threads=threads, workers=workers, tta=tta, on_epoch=progress
-        )
-    return collect_folds(config, archive, jobs, folds_dir, metric_aware=metric_aware, log=log)
+    runs = {k: Run(fold_name(k, folds), config, plan) for k, plan in enumerate(plans)}
+    tasks = {"cpus": cpus, "gpus": gpus, "workers": workers}
+    done = train_runs(runs, archive, **tasks, desc="folds", task=_train_fold, tta=tta)
+    return collect_folds(config, archive, runs, done, folds_dir, metric_aware=metric_aware)
 
 
 def fold_name(k: int, folds: int) -> str:
@@ -281,23 +270,22 @@ def fold_name(k: int, folds: int) -> str:
 def collect_folds(
     config: TrainConfig,
     archive: MarsArchive,
-    jobs: dict[int, ray.ObjectRef],
+    runs: Mapping[int, Run],
+    done: Iterable[tuple[int, dict[str, Any] | None, str | None]],
     folds_dir: Path,
     *,
     metric_aware: bool,
-    log: ray.actor.ActorHandle | None = None,
 ) -> tuple[list[nn.Module], list[list[dict[str, Any]]], np.ndarray]:
-    """Report and save each fold as it ends (its epoch lines, sent to `log`, before it) and
-    gather the out-of-fold probabilities; name the failed folds together once the others have
-    finished."""
-    folds = len(jobs)
+    """Report and save each fold of `runs` as it ends (`done`, from `train_runs`) and gather the
+    out-of-fold probabilities; name the failed folds together once the others have finished."""
+    folds = len(runs)
     oof = np.zeros((len(archive), NUM_CLASSES, *archive.images.shape[1:]), dtype=np.float16)
     models: dict[int, nn.Module] = {}
     histories: dict[int, list[dict[str, Any]]] = {}
     failures = Failures()
     folds_dir.mkdir(parents=True, exist_ok=True)
-    for k, fold, reason in as_completed(jobs, desc="folds", log=log):
-        name = fold_name(k, folds)
+    for k, fold, reason in done:
+        name = runs[k].name
         if reason is not None:
             failures.add(name, reason)
             continue

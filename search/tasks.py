@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import ray
 from ray.actor import ActorHandle
+from ray.remote_function import RemoteFunction
 from tqdm import tqdm
 
 from marsseg.cli import add_cpus_flag, torch_threads
@@ -154,20 +155,28 @@ def train_runs(
     gpus: float,
     workers: int = 0,
     desc: str = "runs",
-) -> Iterator[tuple[K, dict[str, Any] | None, str | None]]:
+    task: RemoteFunction | None = None,
+    **options: Any,
+) -> Iterator[tuple[K, Any, str | None]]:
     """Every run as a Ray task at once (Ray queues what does not fit), with its epoch lines
-    printed as they come; then as `as_completed`, by the runs' keys."""
+    printed as they come; then as `as_completed`, by the runs' keys.
+
+    `task` (default `train_run`) is called as `task(config, archive, split, threads=,
+    workers=, on_epoch=, **options)`; `search.final` passes its fold task this way.
+    """
+    remote = (task or train_run).options(num_cpus=cpus, num_gpus=gpus)
     data = ray.put(training_only(archive))  # one copy in the object store for every run
-    remote = train_run.options(num_cpus=cpus, num_gpus=gpus)
+    threads = torch_threads(cpus)
     log = EpochLog.remote()
     jobs = {
         key: remote.remote(
             run.config,
             data,
             run.split,
-            torch_threads(cpus),
-            workers,
-            EpochReporter(log, run.name, run.config.max_epochs),
+            threads=threads,
+            workers=workers,
+            on_epoch=EpochReporter(log, run.name, run.config.max_epochs),
+            **options,
         )
         for key, run in runs.items()
     }

@@ -56,10 +56,10 @@ def test_a_failed_run_is_named_and_the_finished_ones_are_kept(
     bad_lr = 2e-3
 
     @ray.remote
-    def flaky(config, *args):
+    def flaky(config, *args, **kwargs):
         if config.optim.lr == bad_lr:
             raise ValueError("planted failure")
-        return tasks.train_one(config, *args)
+        return tasks.train_one(config, *args, **kwargs)
 
     monkeypatch.setattr(tasks, "train_run", flaky)
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"

@@ -86,15 +86,16 @@ def final_run(experiment, tiny_archive, tmp_path_factory):
     args += ["--folds", "2", "--epochs", "2", "--out", str(out / "run"), "--threads", "2"]
     args += ["--cpus-per-trial", "1"]
     received = []
+    as_completed = tasks.as_completed
 
     def recording(jobs, desc, log=None):
         assert all(isinstance(ref, ray.ObjectRef) for ref in jobs.values())  # Ray tasks
-        for key, result, reason in tasks.as_completed(jobs, desc, log):
+        for key, result, reason in as_completed(jobs, desc, log):
             received.append((key, result))
             yield key, result, reason
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(final_stage, "as_completed", recording)
+        mp.setattr(tasks, "as_completed", recording)  # what train_runs collects the folds with
         assert final_stage.main(args) == 0
     return out / "run", args, received
 
