@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import yaml
 
@@ -227,7 +227,7 @@ class Experiment:
         if not name:
             raise SearchError(f"{location!r} does not name an experiment folder")
         if urlparse(location).scheme == "file":
-            return cls.open(Storage(urlparse(parent).path or "/", shared=True), name)
+            return cls.open(Storage(unquote(urlparse(parent).path) or "/", shared=True), name)
         if "://" in location:
             return cls.open(Storage(parent, shared=True), name)
         return cls.open(Storage(str(Path(parent or ".").resolve()), shared=False), name)

@@ -466,8 +466,8 @@ def print_next_steps(experiment: Experiment, summaries: list[TrialSummary]) -> N
     any_arch = "" if any(s.config.model.name == "marsseg" for s in summaries) else " --arch any"
     data = f" --data {experiment.settings.data}" if experiment.settings.data else ""
     best = experiment.results / BEST_CONFIG
-    default = experiment.storage.path == str(Path(DEFAULT_STORAGE).absolute())
-    storage = "" if default else f" --storage {experiment.storage.path}"
+    default = Storage(str(Path(DEFAULT_STORAGE).absolute()), shared=False)
+    storage = "" if experiment.storage == default else f" --storage {experiment.storage.flag}"
     print(f"next:     python -m search.export --name {experiment.name}{storage}{any_arch}")
     print(f"          python -m search.final --config {best}{data}")
 

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 from marsseg.errors import SearchError, first_line
 from search.capacity import Capacity
@@ -33,6 +33,14 @@ class Storage:
     """An absolute local path or a remote URI: what `RunConfig(storage_path=...)` receives."""
     shared: bool
     """A remote URI, or a path declared mounted on every node with `file://`."""
+
+    @property
+    def flag(self) -> str:
+        """What `--storage` takes to name this storage again (`check_storage(flag)` gives it
+        back): a shared local path keeps its `file://`, which a plain path would drop."""
+        if self.shared and "://" not in self.path:
+            return f"{SHARED_PATH_SCHEME}://{quote(self.path)}"
+        return self.path
 
     def experiment(self, name: str) -> str:
         """Where Tune keeps the experiment `name`: its path or URI."""

@@ -396,7 +396,10 @@ def test_storage_says_whether_every_node_reaches_it(tmp_path):
     shared = check_storage(f"file://{tmp_path}/nfs%20mount")
     assert shared == Storage(f"{tmp_path}/nfs mount", shared=True)
     assert (tmp_path / "nfs mount").is_dir()
-    assert check_storage(str(tmp_path / "x")) == Storage(str(tmp_path / "x"), shared=False)
+    local = check_storage(str(tmp_path / "x"))
+    assert local == Storage(str(tmp_path / "x"), shared=False)
+    for storage in (shared, local):  # what the next-steps hint prints names it again
+        assert check_storage(storage.flag) == storage
     with pytest.raises(SearchError, match="must be an absolute path"):
         check_storage("file://relative/experiments")
 

@@ -111,3 +111,14 @@ def test_export_location_parsing(tmp_path, monkeypatch):
     with pytest.raises(SearchError, match="no search experiment at"):
         Experiment.at(f"file://{tmp_path}/missing")
     assert not (tmp_path / "experiments").exists()  # a failed lookup leaves no driver folder
+
+
+def test_the_storage_flag_the_next_steps_print_opens_the_experiment(tmp_path, monkeypatch):
+    """`search.run` names a `file://` storage as `--storage file://...` (spaces escaped), and
+    `search.export --name x --storage <that>` must find the experiment there again."""
+    monkeypatch.chdir(tmp_path)
+    storage = Storage(str(tmp_path / "nfs mount"), shared=True)
+    Experiment.new(storage, "x", TrainConfig(), SearchSettings(seed=4))
+    assert storage.flag == f"file://{tmp_path}/nfs%20mount"
+    opened = Experiment.at(f"{storage.flag}/x")
+    assert opened.storage == storage and opened.settings.seed == 4
