@@ -41,8 +41,14 @@ def suggest_architecture(trial: optuna.Trial, arch: str) -> None:
         suggest_knob(trial, f"{arch}.{knob.name}", knob)
 
 
-def suggest_training(trial: optuna.Trial) -> None:
+def suggest_training(
+    trial: optuna.Trial, *, max_oversample: float = 8.0, offline_augment: bool = True
+) -> None:
     """Loss combination, augmentation, oversampling, optimiser, LR schedule and weight average.
+
+    `max_oversample` and `offline_augment` bound what an epoch costs: oversampling repeats the
+    big-rock images, and the offline preset doubles the training set; a space that leaves the
+    preset out must fix `augment.preset` itself (in the constants it returns).
 
     Masked cross-entropy is always on (the reference found it beat everything else); dice,
     Lovasz, boundary and focal terms join it. Class weights are capped (the challenge's best
@@ -64,11 +70,12 @@ def suggest_training(trial: optuna.Trial) -> None:
     ):
         trial.suggest_categorical("loss.class_weight_cap", (0.0, 5.0, 10.0, 20.0))
     trial.suggest_float("loss.label_smoothing", 0.0, 0.1)
-    trial.suggest_categorical("augment.preset", ("none", "reference"))
+    if offline_augment:
+        trial.suggest_categorical("augment.preset", ("none", "reference"))
     trial.suggest_float("augment.intensity", 0.0, 1.0)
     trial.suggest_categorical("augment.photometric", (False, True))
     trial.suggest_categorical("augment.random_flip", (False, True))
-    trial.suggest_float("oversample", 1.0, 8.0)
+    trial.suggest_float("oversample", 1.0, max_oversample)
     trial.suggest_float("optim.lr", 1e-5, 3e-3, log=True)
     trial.suggest_float("optim.weight_decay", 1e-6, 1e-1, log=True)
     trial.suggest_categorical("batch_size", BATCH_SIZES)

@@ -26,9 +26,14 @@ NARROW = {
 """The size knobs' ranges here; every other knob keeps the registry's range."""
 
 
-def space(trial: optuna.Trial) -> dict[str, Any]:
+def suggest_narrow_marsseg(trial: optuna.Trial) -> None:
+    """Every MarsSeg knob, the size knobs over their `NARROW` ranges."""
     for knob in model_knobs(ARCHITECTURE):
         narrowed = dataclasses.replace(knob, **NARROW.get(knob.name, {}))
         suggest_knob(trial, f"{ARCHITECTURE}.{knob.name}", narrowed)
+
+
+def space(trial: optuna.Trial) -> dict[str, Any]:
+    suggest_narrow_marsseg(trial)
     suggest_training(trial)
     return {ARCH: ARCHITECTURE}

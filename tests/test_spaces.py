@@ -26,8 +26,9 @@ def sample(space_name: str, n: int, seed: int = 0) -> list[dict]:
     return drawn
 
 
-RECIPE_SPACES = [name for name in SPACE_NAMES if name != "marsseg_small"]
-"""Every space but `marsseg_small`, whose narrow ranges leave the recipe's MarsSeg out."""
+NARROW_SPACES = ("marsseg_small", "marsseg_budget")
+RECIPE_SPACES = [name for name in SPACE_NAMES if name not in NARROW_SPACES]
+"""Every space but the narrow ones, whose ranges leave the recipe's MarsSeg out."""
 
 
 @pytest.mark.parametrize("name", RECIPE_SPACES)
@@ -74,12 +75,13 @@ def test_unknown_spaces_are_one_line_errors():
         get_space("no_module:space")
 
 
-def test_marsseg_small_keeps_marsseg_narrow_and_starts_from_tpe_alone():
+@pytest.mark.parametrize("name", NARROW_SPACES)
+def test_narrow_spaces_keep_marsseg_narrow_and_start_from_tpe_alone(name):
     from spaces.marsseg_small import NARROW
 
-    assert get_space("marsseg_small").points_to_evaluate == []
+    assert get_space(name).points_to_evaluate == []
     base = preset("reference")
-    for params in sample("marsseg_small", 40, seed=3):
+    for params in sample(name, 40, seed=3):
         knobs = params_to_config(params, base).model.knobs
         assert params["arch"] == "marsseg"
         for name, bounds in NARROW.items():
@@ -99,3 +101,20 @@ def test_schedules_ema_lovasz_and_weight_caps_are_sampled_into_the_config():
             assert config.loss.class_weight_cap == params["loss.class_weight_cap"]
         assert config.augment.random_flip == params["augment.random_flip"]
     assert any(c.loss.class_weight_cap == 10 for c in configs)
+
+
+def test_marsseg_budget_bounds_the_images_an_epoch_holds():
+    """No offline preset (its flip doubles the set) and big rock shown at most 3x, whatever
+    the base config says; everything else is still sampled."""
+    from spaces.marsseg_budget import MAX_OVERSAMPLE
+
+    base = preset("reference")  # offline preset, oversample 4: both must be overridden
+    drawn = sample("marsseg_budget", 60, seed=5)
+    configs = [params_to_config(params, base) for params in drawn]
+    assert {c.augment.preset for c in configs} == {"none"}
+    assert all(1.0 <= c.oversample <= MAX_OVERSAMPLE for c in configs)
+    assert max(c.oversample for c in configs) > 2.0
+    assert {c.scheduler.kind for c in configs} == {"plateau", "onecycle", "cosine", "constant"}
+    assert {c.ema_decay > 0 for c in configs} == {False, True}
+    assert {c.loss.lovasz_weight > 0 for c in configs} == {False, True}
+    assert {c.augment.photometric for c in configs} == {False, True}
