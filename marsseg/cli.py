@@ -42,14 +42,16 @@ def describe_os_error(err: OSError) -> str:
     return " ".join(text.split())  # one line whatever the message held
 
 
-def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+def add_decoding_flags(
+    parser: argparse.ArgumentParser, force_help: str = "overwrite an existing submission"
+) -> None:
     """`--no-tta`, `--no-metric-aware`, `--force` and `--device`, as every predicting entry point
     spells them."""
     parser.add_argument("--no-tta", action="store_true", help="no horizontal-flip TTA")
     parser.add_argument(
         "--no-metric-aware", action="store_true", help="let the argmax pick class 0 too"
     )
-    parser.add_argument("--force", action="store_true", help="overwrite an existing submission")
+    parser.add_argument("--force", action="store_true", help=force_help)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
 
 

@@ -12,10 +12,14 @@ validation split and the same epoch budget, as Ray tasks (packed on GPUs with
 `comparison.md` (the table, the gain over the first candidate, the budget and the command).
 
 Every epoch of every run prints one line as it ends (`fast seed 1  epoch   3/20 ...`), and each
-run its scores when it ends; `runs.csv` is rewritten as each run finishes, so an interrupted
-comparison keeps what it did. A run that fails is named with its reason and the others go on:
-the summary covers the runs that finished (a candidate with none is left out, with a note) and
-the command then exits with code 2, naming every failed run.
+run its scores when it ends; `runs.csv` is rewritten as each run finishes. Every run checkpoints
+each epoch under `--out` (`runs/`), so rerunning the same command after a stop keeps the
+finished runs and continues the others from their last epoch; a rerun with other candidates,
+seeds, epochs, split or data is refused, naming what differs (`--force` starts over).
+
+A run that fails is named with its reason and the others go on: the summary covers the runs
+that finished (a candidate with none is left out, with a note) and the command then exits with
+code 2, naming every failed run.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from marsseg.data import MarsArchive, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError
 from marsseg.fileio import atomic_path, check_writable
 from marsseg.train.keys import IOU_KEYS
+from search.runstore import RunStore
 from search.tasks import (
     SCORES,
     Failures,
@@ -51,6 +56,8 @@ from search.tasks import (
 
 PRESET_PREFIX = "preset:"
 RUNS = "runs.csv"
+RUNS_DIR = "runs"
+"""The runs' checkpoints and results (a `RunStore`), what a rerun continues."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("results") / "comparison",
         help="output folder (default: results/comparison)",
     )
+    add(
+        "--force",
+        action="store_true",
+        help="start over instead of continuing the runs an earlier comparison left in --out",
+    )
     return parser
 
 
@@ -127,9 +139,11 @@ def run_all(
     cpus: float,
     gpus: float,
     out: Path,
+    store: RunStore | None = None,
 ) -> tuple[pd.DataFrame, Failures]:
     """Every (candidate, seed) as a Ray task at once (Ray queues what does not fit), and the
-    runs that failed; `out / runs.csv` holds every finished run as soon as it has finished."""
+    runs that failed; `out / runs.csv` holds every finished run as soon as it has finished.
+    With `store` (opened for this comparison) finished runs are kept and the others continue."""
     runs = {}
     for candidate in candidates:
         for seed in seeds:
@@ -137,7 +151,7 @@ def run_all(
             runs[(candidate.name, seed)] = Run(f"{candidate.name} seed {seed}", config, split)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     failures = Failures()
-    for key, row, reason in train_runs(runs, archive, cpus=cpus, gpus=gpus):
+    for key, row, reason in train_runs(runs, archive, cpus=cpus, gpus=gpus, store=store):
         name = runs[key].name
         if reason is not None:
             failures.add(name, reason)
@@ -197,11 +211,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {args.data or 'synthetic'}: {report.summary()}")
     split = train_val_split(archive.masks, args.val_fraction, args.split_seed)
 
+    epochs = args.max_epochs
+    store = RunStore(args.out / RUNS_DIR)
+    plan = {
+        "stage": "compare",
+        "candidates": {c.name: c.config.to_dict() for c in candidates},
+        "seeds": args.seeds,
+        "epochs": epochs,
+        "val_fraction": args.val_fraction,
+        "split_seed": args.split_seed,
+        "data_checksum": archive.checksum(),
+    }
     cpus = task_cpus(args.cpus_per_trial)
     gpus = start_ray(args.address, cpus, args.gpus_per_trial)
+    finished = store.open(plan, force=args.force)
+    if finished:
+        print(f"continuing the comparison in {args.out}: {len(finished)} run(s) finished, kept")
     start = time.perf_counter()
-    epochs = args.max_epochs
-    runs, failures = run_all(candidates, args.seeds, archive, split, epochs, cpus, gpus, args.out)
+    try:
+        runs, failures = run_all(
+            candidates, args.seeds, archive, split, epochs, cpus, gpus, args.out, store
+        )
+    finally:
+        store.discard_if_empty()
     wall = time.perf_counter() - start
     if runs.empty:
         failures.check("no run finished; nothing to compare")

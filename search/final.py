@@ -22,6 +22,12 @@ labelled by its fold, rerank run or `all data`. Each fold's weights are saved as
 (`folds/fold-<k>.pt`, a model file of its own); if a fold fails the others still finish, and the
 command ends naming the fold and its error, without a submission.
 
+Folds and rerank runs checkpoint every epoch under `--out` (`folds/`, `rerank/`), and keep their
+results there as they end: rerunning the same command after a stop (Ctrl-C, a lost node, a
+failed fold) loads the finished ones and continues the others from their last epoch. A rerun
+with another config, data, fold count, seed or TTA is refused, naming what differs; `--force`
+starts over.
+
 The output folder gets `submission.csv` (`.csv.gz` with `--compress`), `model.pt` (every
 member's weights, the config and the offsets) and `report.md` with its PNGs.
 
@@ -43,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -69,6 +74,7 @@ from marsseg.submission import submission_bytes
 from marsseg.train import fit, prepare_data, resolve_device
 from marsseg.train.loop import OnEpoch
 from marsseg.train.progress import print_epochs
+from search.runstore import RunStore
 from search.tasks import (
     Failures,
     Run,
@@ -80,7 +86,10 @@ from search.tasks import (
 
 SAMPLE_IMAGES = 6
 FOLDS_DIR = "folds"
-"""Where each fold's weights land as it ends, so a failed fold loses only itself."""
+"""Where each fold checkpoints its epochs and its weights and out-of-fold probabilities land as
+it ends (a `RunStore`), so a failed fold loses only itself and a rerun continues the others."""
+RERANK_DIR = "rerank"
+"""The `RunStore` of the `--rerank` runs."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         cpus_help="CPUs (torch threads) of each fold or rerank run, and torch threads of the "
         "all-data model and predictions here (default: 1 per run; torch's own here)",
     )
-    add_decoding_flags(parser)
+    add_decoding_flags(
+        parser,
+        force_help="overwrite an existing submission, and start the folds and rerank runs over "
+        "instead of continuing those an earlier run left in --out",
+    )
     return parser
 
 
@@ -151,10 +164,14 @@ def rerank(
     cpus: float,
     gpus: float,
     workers: int = 0,
+    store_root: Path | None = None,
+    force: bool = False,
 ) -> TrainConfig:
     """Retrain the top-n exported configs with `seeds` seeds each; the best mean val mIoU wins.
 
-    Each run scores on the split its seed draws, as the search's trials did.
+    Each run scores on the split its seed draws, as the search's trials did. With `store_root`
+    the runs keep their checkpoints and results there (a `RunStore`), so the same call again
+    continues them (another set of configs, seeds or data is refused unless `force`).
     """
     candidates = sorted(config_path.parent.glob("top-*.yaml"))[:n]
     if not candidates:
@@ -170,7 +187,13 @@ def rerank(
             runs[(path, seed)] = Run(name, config.replace(seed=seed), split)
     scores: dict[Path, list[float]] = {path: [] for path in candidates}
     failures = Failures()
-    done = train_runs(runs, archive, cpus=cpus, gpus=gpus, workers=workers, desc="rerank")
+    store = None
+    if store_root is not None:
+        plan = {"stage": "rerank", "seeds": seeds}
+        plan["configs"] = {path.name: config.to_dict() for path, config in configs.items()}
+        store = open_store(store_root, plan, archive, force=force)
+    tasks = {"cpus": cpus, "gpus": gpus, "workers": workers}
+    done = train_runs(runs, archive, **tasks, desc="rerank", store=store)
     for key, row, reason in done:
         name = runs[key].name
         if reason is not None:
@@ -205,11 +228,20 @@ def train_fold(
     workers: int = 0,
     tta: bool = True,
     on_epoch: OnEpoch | None = None,
+    checkpoint: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
-    """One fold (a Ray task): its best weights on the CPU, its history, and its out-of-fold
-    probabilities (N_val, 5, H, W) float16, flip-averaged with `tta` as the test set will be."""
+    """One fold (a Ray task, continued from `checkpoint` when given): its best weights on the
+    CPU, its history, and its out-of-fold probabilities (N_val, 5, H, W) float16, flip-averaged
+    with `tta` as the test set will be."""
     data = prepare_data(config, archive, split=split)
-    result = fit(config, data, num_threads=threads, workers=workers, on_epoch=on_epoch)
+    result = fit(
+        config,
+        data,
+        num_threads=threads,
+        workers=workers,
+        on_epoch=on_epoch,
+        checkpoint=checkpoint or None,
+    )
     model = result.model
     device = next(model.parameters()).device
     images = data.val_images
@@ -223,9 +255,6 @@ def train_fold(
         "history": result.history,
         "best_epoch": result.best_epoch,
     }
-
-
-_train_fold = ray.remote(train_fold)
 
 
 def decode_probabilities(
@@ -252,14 +281,40 @@ def train_folds(
     cpus: float,
     gpus: float,
     workers: int = 0,
+    force: bool = False,
 ) -> tuple[list[nn.Module], list[list[dict[str, Any]]], np.ndarray]:
     """K models on K stratified folds as Ray tasks, and the out-of-fold probabilities of every
-    training image (each is in exactly one fold's validation set); see `collect_folds`."""
+    training image (each is in exactly one fold's validation set); see `collect_folds`.
+
+    The folds keep their checkpoints and results in `folds_dir` (a `RunStore`): the same call
+    again continues them; one with another config, data, fold count or TTA is refused unless
+    `force` starts over."""
     plans = kfold_plans(archive.masks, folds, config.seed)
     runs = {k: Run(fold_name(k, folds), config, plan) for k, plan in enumerate(plans)}
+    store = open_store(
+        folds_dir,
+        {"stage": "folds", "folds": folds, "config": config.to_dict(), "tta": tta},
+        archive,
+        force=force,
+    )
     tasks = {"cpus": cpus, "gpus": gpus, "workers": workers}
-    done = train_runs(runs, archive, **tasks, desc="folds", task=_train_fold, tta=tta)
-    return collect_folds(config, archive, runs, done, folds_dir, metric_aware=metric_aware)
+    try:
+        done = train_runs(
+            runs, archive, **tasks, desc="folds", task=train_fold, store=store, tta=tta
+        )
+        return collect_folds(config, archive, runs, done, folds_dir, metric_aware=metric_aware)
+    finally:
+        store.discard_if_empty()
+
+
+def open_store(root: Path, plan: dict[str, Any], archive: MarsArchive, *, force: bool) -> RunStore:
+    """The `RunStore` of a stage's runs, for `plan` on `archive`'s data; the runs it already
+    holds results of are named (they are not trained again)."""
+    store = RunStore(root)
+    finished = store.open({**plan, "data_checksum": archive.checksum()}, force=force)
+    if finished:
+        print(f"continuing the runs in {root}: {len(finished)} finished, kept")
+    return store
 
 
 def fold_name(k: int, folds: int) -> str:
@@ -473,7 +528,13 @@ def train_final(config: TrainConfig, archive: MarsArchive, settings: FinalSettin
         print(f"training runs as Ray tasks, {cpus:g} CPU + {gpus:g} GPU each")
     if settings.rerank:
         config = rerank(
-            settings.config_path, settings.rerank, settings.rerank_seeds, archive, **tasks
+            settings.config_path,
+            settings.rerank,
+            settings.rerank_seeds,
+            archive,
+            **tasks,
+            store_root=settings.out / RERANK_DIR,
+            force=settings.force,
         )
     if settings.folds:
         trained = _train_ensemble(config, archive, settings, tasks)
@@ -501,6 +562,7 @@ def _train_ensemble(
         tta=settings.tta,
         metric_aware=metric_aware,
         **tasks,
+        force=settings.force,
     )
     calibrate = metric_aware and settings.calibrate
     scores, calibration, preds = out_of_fold(

@@ -1,11 +1,13 @@
 """Trainings as Ray tasks, for the stages that retrain outside Tune: compare, final (folds, rerank).
 
 Each task asks for `--cpus-per-trial` CPUs (its torch threads; 1 when not given) and
-`--gpus-per-trial` GPUs; Ray queues the tasks that do not fit, so a one-core machine runs them one
+`--gpus-per-trial` GPUs, and holds them while it runs (it never blocks on Ray, which would lend
+them to a queued task); Ray queues the tasks that do not fit, so a one-core machine runs them one
 after another and a cluster (`--address auto`) spreads them over its nodes. Each epoch of each
 task prints one line on the driver, labelled by its run (`fold 2/5  epoch   3/20 ...`), as it
-ends. A task that raises does not stop the others: `as_completed` hands back its reason in its
-place, and `Failures` names them all at the end.
+ends. With a `RunStore` each task checkpoints every epoch and a rerun continues where it
+stopped. A task that raises does not stop the others: `as_completed` hands back its reason in
+its place, and `Failures` names them all at the end.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import ray
 from ray.actor import ActorHandle
-from ray.remote_function import RemoteFunction
 from tqdm import tqdm
 
 from marsseg.cli import add_cpus_flag, torch_threads
@@ -29,14 +31,19 @@ from marsseg.data import MarsArchive
 from marsseg.errors import MarsSegError
 from marsseg.train import EpochState, fit, prepare_data
 from marsseg.train.keys import EPOCH, EPOCH_TIME_S, SCORE_KEYS
+from marsseg.train.loop import OnEpoch
 from marsseg.train.progress import epoch_line
+from marsseg.train.state import CheckpointFiles
 from search.capacity import AUTOSCALER_CONFIG, capacity, check_trial_resources, connect
+from search.runstore import RunStore
 
 SCORES = list(SCORE_KEYS)
 TASK_CPUS = 1.0
 """CPUs of a task when `--cpus-per-trial` is not given."""
 POLL_S = 1.0
 """How often the driver prints the epoch lines that arrived while it waits for a task to end."""
+LINES_WAIT_S = 10.0
+"""How long the driver waits for a finished task's last epoch lines (sent, not yet arrived)."""
 
 K = TypeVar("K", bound=Hashable)
 
@@ -86,44 +93,84 @@ class EpochLog:
     """
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
+        self.lines: list[tuple[str, int, str]] = []
 
-    def add(self, line: str) -> None:
-        self.lines.append(line)
+    def add(self, label: str, epoch: int, line: str) -> None:
+        self.lines.append((label, epoch, line))
 
-    def take(self) -> list[str]:
+    def take(self) -> list[tuple[str, int, str]]:
         lines, self.lines = self.lines, []
         return lines
 
 
-@dataclass(frozen=True)
-class EpochReporter:
-    """`fit`'s `on_epoch` inside a task: each epoch's line goes to the driver's `EpochLog`.
+class EpochLines:
+    """The driver's side of an `EpochLog`: prints the lines that have arrived, and waits for a
+    finished task's last ones, so every epoch line of a run comes before the line of its end."""
 
-    It waits for the log to take the line, so every epoch line of a task is there before the
-    driver learns that the task ended.
+    def __init__(self) -> None:
+        self.log = EpochLog.remote()
+        self.printed: dict[str, int] = {}
+
+    def flush(self) -> None:
+        for label, epoch, line in ray.get(self.log.take.remote()):
+            tqdm.write(line)
+            self.printed[label] = max(epoch, self.printed.get(label, 0))
+
+    def wait_for(self, label: str, epoch: int) -> None:
+        """Print lines until `label`'s epoch `epoch` is among them (or `LINES_WAIT_S` passed)."""
+        deadline = time.monotonic() + LINES_WAIT_S
+        self.flush()
+        while self.printed.get(label, 0) < epoch and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self.flush()
+
+
+@dataclass
+class EpochReporter:
+    """`fit`'s `on_epoch` inside a task: the epoch's checkpoint first (with a `CheckpointFiles`),
+    then its line to the driver's `EpochLog`.
+
+    The line is sent without waiting for it: a task that blocks in `ray.get` lends its CPU to
+    the next queued task, which would then train beside it on a core it does not have. Ray runs
+    one caller's calls to an actor in order, and the task reports the last epoch it sent
+    (`last_epoch`) with its result, so the driver can wait for that line (`EpochLines`).
     """
 
     log: ActorHandle
     label: str
     max_epochs: int
+    checkpoints: CheckpointFiles | None = None
+    last_epoch: int = 0
 
-    def __call__(self, metrics: dict[str, Any], _state: EpochState | None = None) -> None:
-        ray.get(self.log.add.remote(epoch_line(metrics, self.max_epochs, self.label)))
+    def __call__(self, metrics: dict[str, Any], state: EpochState | None = None) -> None:
+        if self.checkpoints is not None and state is not None:
+            self.checkpoints.save(state)
+        epoch = metrics[EPOCH]
+        self.log.add.remote(self.label, epoch, epoch_line(metrics, self.max_epochs, self.label))
+        self.last_epoch = epoch
 
 
 def train_one(
     config: TrainConfig,
     archive: MarsArchive,
     split: tuple[np.ndarray, np.ndarray],
+    *,
     threads: int,
     workers: int = 0,
-    on_epoch: EpochReporter | None = None,
+    on_epoch: OnEpoch | None = None,
+    checkpoint: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
     """One config with one seed: its scores at its best epoch (the weights it would keep)."""
     start = time.perf_counter()
     data = prepare_data(config, archive, split=split)
-    result = fit(config, data, num_threads=threads, workers=workers, on_epoch=on_epoch)
+    result = fit(
+        config,
+        data,
+        num_threads=threads,
+        workers=workers,
+        on_epoch=on_epoch,
+        checkpoint=checkpoint or None,
+    )
     best = next(row for row in result.history if row[EPOCH] == result.best_epoch)
     return {
         **{key: best[key] for key in SCORES},
@@ -134,7 +181,26 @@ def train_one(
     }
 
 
-train_run = ray.remote(train_one)
+@ray.remote
+def run_task(
+    fn: Callable[..., Any],
+    config: TrainConfig,
+    archive: MarsArchive,
+    split: tuple[np.ndarray, np.ndarray],
+    *,
+    label: str,
+    log: ActorHandle,
+    folder: Path | None,
+    **kwargs: Any,
+) -> tuple[Any, str, int]:
+    """`fn(config, archive, split, on_epoch=, checkpoint=, **kwargs)` as a Ray task, continued
+    from the checkpoints in `folder` (None: none kept); returns its result, its label and the
+    last epoch whose line it sent. Ray retries a task whose worker died, from the checkpoint."""
+    checkpoints = CheckpointFiles(folder) if folder is not None else None
+    reporter = EpochReporter(log, label, config.max_epochs, checkpoints)
+    resume = checkpoints.existing() if checkpoints is not None else []
+    result = fn(config, archive, split, on_epoch=reporter, checkpoint=resume or None, **kwargs)
+    return result, label, reporter.last_epoch
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,59 +221,85 @@ def train_runs(
     gpus: float,
     workers: int = 0,
     desc: str = "runs",
-    task: RemoteFunction | None = None,
+    task: Callable[..., Any] | None = None,
+    store: RunStore | None = None,
     **options: Any,
 ) -> Iterator[tuple[K, Any, str | None]]:
     """Every run as a Ray task at once (Ray queues what does not fit), with its epoch lines
     printed as they come; then as `as_completed`, by the runs' keys.
 
-    `task` (default `train_run`) is called as `task(config, archive, split, threads=,
-    workers=, on_epoch=, **options)`; `search.final` passes its fold task this way.
+    `task` (default `train_one`) is called in the task as `task(config, archive, split,
+    threads=, workers=, on_epoch=, checkpoint=, **options)`; `search.final` passes its fold
+    task this way. With a `store` (opened for these runs), a run it holds a result of is not
+    trained again (its result comes first, from the store), the others continue from the
+    checkpoints they keep there, and each result is saved there as it arrives.
     """
-    remote = (task or train_run).options(num_cpus=cpus, num_gpus=gpus)
+    task = task or train_one
+    index = {key: i for i, key in enumerate(runs)}
+    kept, todo = {}, {}
+    for key, run in runs.items():
+        result = store.result(index[key], run.name) if store is not None else None
+        if result is None:
+            todo[key] = run
+        else:
+            kept[key] = result
+    for key, result in kept.items():
+        tqdm.write(f"{runs[key].name}: finished earlier, kept from {store.root}")
+        yield key, result, None
+    if not todo:
+        return
+    remote = run_task.options(num_cpus=cpus, num_gpus=gpus)
     data = ray.put(training_only(archive))  # one copy in the object store for every run
     threads = torch_threads(cpus)
-    log = EpochLog.remote()
+    lines = EpochLines()
     jobs = {
         key: remote.remote(
+            task,
             run.config,
             data,
             run.split,
+            label=run.name,
+            log=lines.log,
+            folder=store.folder(index[key], run.name) if store is not None else None,
             threads=threads,
             workers=workers,
-            on_epoch=EpochReporter(log, run.name, run.config.max_epochs),
             **options,
         )
-        for key, run in runs.items()
+        for key, run in todo.items()
     }
-    yield from as_completed(jobs, desc, log=log)
+    for key, result, reason in as_completed(jobs, desc, lines):
+        if store is not None and reason is None:
+            store.save_result(index[key], runs[key].name, result)
+        yield key, result, reason
 
 
 def as_completed(
-    jobs: Mapping[K, ray.ObjectRef], desc: str = "runs", log: ActorHandle | None = None
+    jobs: Mapping[K, ray.ObjectRef], desc: str = "runs", lines: EpochLines | None = None
 ) -> Iterator[tuple[K, Any, str | None]]:
     """(key, result, None), or (key, None, reason) for a task that raised, in the order the
-    tasks end: the caller reports each as it comes and keeps going past a failure.
+    `run_task` jobs end: the caller reports each as it comes and keeps going past a failure.
 
-    The lines the tasks sent to `log` (an `EpochLog`) are printed while waiting, and a task's
-    last ones before its result. A progress bar counts the tasks on a terminal (not in a log);
-    print beside it with `tqdm.write`.
+    The epoch lines (`lines`) are printed while waiting, and a task's last ones before its
+    result. A progress bar counts the tasks on a terminal (not in a log); print beside it with
+    `tqdm.write`.
     """
     pending = {ref: key for key, ref in jobs.items()}
     with tqdm(total=len(pending), desc=desc, unit="run", disable=None) as bar:
         while pending:
-            timeout = None if log is None else POLL_S
+            timeout = None if lines is None else POLL_S
             done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-            if log is not None:
-                for line in ray.get(log.take.remote()):
-                    tqdm.write(line)
+            if lines is not None:
+                lines.flush()
             if not done:
                 continue
             key = pending.pop(done[0])
             try:
-                result, reason = ray.get(done[0]), None
+                (result, label, last_epoch), reason = ray.get(done[0]), None
             except ray.exceptions.RayError as err:
                 result, reason = None, failure_reason(err)
+            else:
+                if lines is not None:
+                    lines.wait_for(label, last_epoch)
             yield key, result, reason
             bar.update()
 

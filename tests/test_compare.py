@@ -6,7 +6,6 @@ import re
 
 import pandas as pd
 import pytest
-import ray
 
 from marsseg.cli import run_cli
 from marsseg.config import TrainConfig
@@ -50,28 +49,34 @@ def test_summary_keeps_candidate_order_and_measures_the_gain(compared):
     assert "python -m search.compare" in text and "at most 2 epochs" in text
 
 
-def test_a_failed_run_is_named_and_the_finished_ones_are_kept(
+def test_a_failed_run_is_named_and_a_rerun_continues_it(
     ray_env, tiny_archive, tmp_path, monkeypatch, capsys
 ):
-    bad_lr = 2e-3
+    """Runs of one candidate fail after their first epoch: the others finish and are kept;
+    the same command again keeps the finished runs and goes on from the failed runs' epoch."""
+    bad_lr, planted = 2e-3, tmp_path / "planted"
+    planted.touch()
+    train_one = tasks.train_one
 
-    @ray.remote
-    def flaky(config, *args, **kwargs):
-        if config.optim.lr == bad_lr:
-            raise ValueError("planted failure")
-        return tasks.train_one(config, *args, **kwargs)
+    def flaky(config, archive, split, *, on_epoch, **kwargs):
+        def failing(metrics, state):
+            on_epoch(metrics, state)  # the epoch's checkpoint is written: then it fails
+            if config.optim.lr == bad_lr and planted.exists():
+                raise ValueError("planted failure")
 
-    monkeypatch.setattr(tasks, "train_run", flaky)
+        return train_one(config, archive, split, on_epoch=failing, **kwargs)
+
+    monkeypatch.setattr(tasks, "train_one", flaky)
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     TrainConfig.from_dict({**TINY, "optim": {"lr": 3e-3}}).save(good)
     TrainConfig.from_dict({**TINY, "optim": {"lr": bad_lr}}).save(bad)
     out = tmp_path / "out"
-    argv = ["--data", str(tiny_archive), "--max-epochs", "1", "--seeds", "0", "1"]
+    argv = ["--data", str(tiny_archive), "--max-epochs", "2", "--seeds", "0", "1"]
     argv += ["--candidate", f"bad={bad}", "--candidate", f"good={good}", "--out", str(out)]
     assert run_cli(compare.main, argv) == 2
     captured = capsys.readouterr()
     for seed in (0, 1):  # each finished run's epochs and result, as they came
-        assert re.search(rf"^good seed {seed}  epoch   1/1  loss ", captured.out, re.M)
+        assert re.search(rf"^good seed {seed}  epoch   2/2  loss ", captured.out, re.M)
         assert f"good seed {seed}: val mIoU" in captured.out
         assert f"bad seed {seed} failed: ValueError: planted failure" in captured.out
     err = captured.err.strip().splitlines()
@@ -80,6 +85,23 @@ def test_a_failed_run_is_named_and_the_finished_ones_are_kept(
     assert list(zip(runs["candidate"], runs["seed"], strict=True)) == [("good", 0), ("good", 1)]
     assert list(pd.read_csv(out / "comparison.csv")["candidate"]) == ["good"]
     assert "- left out: bad: no run finished" in (out / "comparison.md").read_text()
+
+    planted.unlink()
+    assert compare.main(argv) == 0
+    printed = capsys.readouterr().out
+    for seed in (0, 1):
+        assert f"good seed {seed}: finished earlier, kept" in printed
+        assert not re.search(rf"^good seed {seed}  epoch", printed, re.M)
+        assert not re.search(rf"^bad seed {seed}  epoch   1/2", printed, re.M)
+        assert re.search(rf"^bad seed {seed}  epoch   2/2", printed, re.M)
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(zip(runs["candidate"], runs["seed"], strict=True)) == [
+        ("bad", 0), ("bad", 1), ("good", 0), ("good", 1)
+    ]  # fmt: skip
+    assert (runs["epochs_run"] == 2).all()
+
+    assert run_cli(compare.main, [*argv, "--seeds", "0", "1", "2"]) == 2
+    assert "holds runs of another plan (it differs in seeds)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

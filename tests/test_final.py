@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import ray
 import torch
-from search_helpers import search_args
+from search_helpers import RAY_ENV, search_args
 from torch import nn
 
 from marsseg.cli import run_cli
@@ -88,9 +93,9 @@ def final_run(experiment, tiny_archive, tmp_path_factory):
     received = []
     as_completed = tasks.as_completed
 
-    def recording(jobs, desc, log=None):
+    def recording(jobs, desc, lines=None):
         assert all(isinstance(ref, ray.ObjectRef) for ref in jobs.values())  # Ray tasks
-        for key, result, reason in as_completed(jobs, desc, log):
+        for key, result, reason in as_completed(jobs, desc, lines):
             received.append((key, result))
             yield key, result, reason
 
@@ -182,13 +187,14 @@ def test_final_refuses_to_overwrite_without_force(final_run, capsys):
 def test_a_failed_fold_is_named_and_the_others_are_kept(
     ray_env, small_archive, tmp_path, monkeypatch, capsys
 ):
-    @ray.remote
+    train_fold = final_stage.train_fold
+
     def flaky(config, archive, split, **kwargs):
         if 0 in split[1]:
             raise ValueError("planted failure")
-        return final_stage.train_fold(config, archive, split, **kwargs)
+        return train_fold(config, archive, split, **kwargs)
 
-    monkeypatch.setattr(final_stage, "_train_fold", flaky)
+    monkeypatch.setattr(final_stage, "train_fold", flaky)
     plans = kfold_plans(load_archive(small_archive).masks, 2, TrainConfig.from_dict(FAST).seed)
     bad = next(k for k, (_, val) in enumerate(plans) if 0 in val) + 1
     out = tmp_path / "run"
@@ -393,3 +399,62 @@ def test_search_with_final_checks_its_outputs_before_searching(tiny_archive, tmp
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert "results" in err and "a file" in err
     assert not (tmp_path / "experiments").exists()  # no search was started
+
+
+def test_a_killed_final_continues_where_it_stopped_and_writes_the_same_submission(
+    ray_env, small_archive, tmp_path, capsys
+):
+    """SIGKILL the driver after fold 1 of 2 has finished and fold 2 has run an epoch: the
+    same command again keeps fold 1, continues fold 2 from its checkpoint, and writes what an
+    uninterrupted run writes."""
+    args = [*fold_args(tmp_path, small_archive), "--max-epochs", "4", "--cpus-per-trial", "2"]
+    assert final_stage.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "killed"
+    script = Path(__file__).with_name("interrupt_final.py")
+    env = {**os.environ, **RAY_ENV}
+    killed = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    finished = [p.parent.name for p in (out / "folds").glob("*/result.pt")]
+    running = [p.parent for p in (out / "folds").glob("*/checkpoint.pt")]
+    assert len(finished) == 1 and len(running) == 1
+    done_k, going_k = (1, 2) if finished[0].startswith("00-") else (2, 1)
+    reached = torch.load(running[0] / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= reached < 4
+    assert not (out / "submission.csv").exists()
+
+    assert final_stage.main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"fold {done_k}/2: finished earlier, kept" in printed
+    assert not re.search(rf"^fold {done_k}/2  epoch", printed, re.M)  # not trained again
+    epochs = [int(e) for e in re.findall(rf"^fold {going_k}/2  epoch +(\d+)/4", printed, re.M)]
+    assert epochs == list(range(reached + 1, 5))  # on from the epoch it reached
+    whole = (tmp_path / "whole" / "submission.csv").read_bytes()
+    assert (out / "submission.csv").read_bytes() == whole
+    assert (out / "model.pt").is_file()
+
+
+def test_a_rerun_of_another_plan_is_refused_naming_what_differs(
+    ray_env, small_archive, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    args = [*fold_args(tmp_path, small_archive), "--out", str(out), "--no-calibration"]
+    store = final_stage.RunStore(out / "folds")
+    config = TrainConfig.from_dict(FAST)
+    plan = {"stage": "folds", "folds": 2, "config": config.to_dict(), "tta": True}
+    store.open({**plan, "data_checksum": load_clean_archive(small_archive)[0].checksum()})
+    store.folder(0, "fold 1/2").mkdir()
+    (store.folder(0, "fold 1/2") / "checkpoint.pt").write_bytes(b"an epoch")
+    for changed, named in (
+        (["--folds", "3"], "folds"),
+        (["--max-epochs", "2"], "config.max_epochs"),
+        (["--no-tta"], "tta"),
+    ):
+        assert run_cli(final_stage.main, [*args, *changed]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"holds runs of another plan (it differs in {named})" in err[0]
+        assert "--force to start over" in err[0]
+    assert (store.folder(0, "fold 1/2") / "checkpoint.pt").read_bytes() == b"an epoch"
+    assert final_stage.main([*args, "--folds", "3", "--force"]) == 0  # starts over
+    assert not store.folder(0, "fold 1/2").exists()

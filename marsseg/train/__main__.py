@@ -39,12 +39,17 @@ from marsseg.fileio import check_writable
 from marsseg.predict import save_models
 from marsseg.train import EpochState, fit
 from marsseg.train.progress import epoch_line
-from marsseg.train.state import check_continuable, ended_for_good, read_checkpoint
+from marsseg.train.state import (
+    CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
+    CheckpointFiles,
+    check_continuable,
+    ended_for_good,
+    read_checkpoint,
+)
 
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
-CHECKPOINT = "checkpoint.pt"
-PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 MODEL = "model.pt"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, PREVIOUS_CHECKPOINT, MODEL)
 """What a run writes into its folder: all that `--fresh` moves aside."""
@@ -187,8 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything that can refuse does so before the data is loaded or anything is written.
     device = resolve_device(args.device)
     out = check_writable(args.out or default_out(name, args.seed))
-    checkpoint, previous = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
-    resume = [] if args.fresh else [path for path in (checkpoint, previous) if path.is_file()]
+    checkpoints = CheckpointFiles(out)
+    resume = [] if args.fresh else checkpoints.existing()
     if resume:
         config = continued_config(config, args.max_epochs, resume)
     if args.data is None:
@@ -204,7 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"training {config.model.name} for up to {config.max_epochs} epochs -> {out}")
 
     bar = tqdm(total=config.max_epochs, unit="epoch", dynamic_ncols=True)
-    saved = []  # this run's checkpoints
 
     def on_epoch(metrics: dict[str, Any], state: EpochState) -> None:
         bar.update(metrics["epoch"] - bar.n)
@@ -213,10 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         bar.write(epoch_line(metrics, config.max_epochs))
         pd.DataFrame(state.history).to_csv(out / METRICS, index=False)
-        # Keep the one before as the previous checkpoint, unless it is an unreadable one that
-        # this run fell back past (or started afresh without): that one is just replaced.
-        keep = bool(saved) or state.resumed_from == checkpoint
-        saved.append(state.save(checkpoint, previous=previous if keep else None))
+        checkpoints.save(state)
 
     with bar:
         result = fit(

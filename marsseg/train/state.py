@@ -121,6 +121,47 @@ class EpochState:
         return None
 
 
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+
+
+@dataclass
+class CheckpointFiles:
+    """A run's two newest checkpoints in its folder: `checkpoint.pt` and the one before it.
+
+    `existing()` is what `fit(checkpoint=...)` resumes from (newest first); `save` is an
+    `on_epoch` step. It keeps the file it replaces as the previous checkpoint, unless that is an
+    unreadable one this run fell back past (or started afresh without): that one is replaced.
+    """
+
+    folder: Path
+    saved: int = 0
+    """Checkpoints this process has written."""
+
+    @property
+    def latest(self) -> Path:
+        return self.folder / CHECKPOINT
+
+    @property
+    def previous(self) -> Path:
+        return self.folder / PREVIOUS_CHECKPOINT
+
+    def existing(self) -> list[Path]:
+        return [path for path in (self.latest, self.previous) if path.is_file()]
+
+    def save(self, state: EpochState) -> Path:
+        keep = bool(self.saved) or state.resumed_from == self.latest
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = state.save(self.latest, previous=self.previous if keep else None)
+        self.saved += 1
+        return path
+
+    def remove(self) -> None:
+        """Delete both (a finished run's result supersedes them)."""
+        for path in (self.latest, self.previous):
+            path.unlink(missing_ok=True)
+
+
 def ended_for_good(history: list[dict[str, Any]]) -> str:
     """Why the run of `history` ended beyond reopening ('' when more epochs may continue it):
     a run that used up its epochs can be extended, one that early stopping ended cannot."""
@@ -140,7 +181,7 @@ def check_continuable(
     schedule's length, which `continue_on_curve` carries over: more epochs extend a run, even a
     finished one. Any other change would make the checkpoint's weights those of another run.
     """
-    differing = _differing_fields(saved.to_dict(), config.to_dict()) - {"max_epochs"}
+    differing = differing_fields(saved.to_dict(), config.to_dict()) - {"max_epochs"}
     if differing:
         raise ConfigError(
             f"checkpoint {path} was written by a run with another config "
@@ -153,13 +194,13 @@ def check_continuable(
         )
 
 
-def _differing_fields(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
+def differing_fields(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
     """Dotted names of the leaves where two configs' dicts differ (`optim.lr`)."""
     names = set()
     for key in a.keys() | b.keys():
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):
-            names |= _differing_fields(x, y, f"{prefix}{key}.")
+            names |= differing_fields(x, y, f"{prefix}{key}.")
         elif x != y:
             names.add(f"{prefix}{key}")
     return names
