@@ -3,11 +3,147 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from marsseg.errors import MarsSegError
+from marsseg.errors import ConfigError, MarsSegError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose mistakes (a bad value, an unknown or missing flag) are one line,
+    `error: argument --flag: ...` with exit code 2 through `run_cli`, like every other bad input,
+    instead of the usage text and a second line."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse names a flag by all its spellings (`--max-epochs/--epochs`): keep the first,
+        # the one --help and the README use.
+        message = re.sub(r"^argument (-[\w-]+)(?:/-[\w-]+)+:", r"argument \1:", message)
+        raise ConfigError(" ".join(message.split()))
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    return " and ".join(parts)
+
+
+def check_number(
+    value: object,
+    what: str,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """`value` if it is a finite number (an integer with `integer`) in the range; else a
+    `ConfigError` naming `what`, the rule and the value. The one numeric rule for flags (through
+    `integer_flag`/`number_flag`) and for settings read from files."""
+    kind = "an integer" if integer else "a finite number"
+    rule = _range_text(low, high, low_open, high_open)
+    wrong = (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (integer and not isinstance(value, int))
+        or not math.isfinite(value)
+        or (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
+    )
+    if wrong:
+        raise ConfigError(f"{what} must be {kind}{' ' + rule if rule else ''}, got {value!r}")
+    return value
+
+
+def integer_flag(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: an integer in [low, high]; anything else is refused, naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value: object = int(text)
+        except ValueError:
+            value = text
+        try:
+            return int(check_number(value, "value", integer=True, low=low, high=high))
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("value ")) from None
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def number_flag(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Callable[[str], float]:
+    """An argparse `type`: a finite number in the range (NaN and infinities refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value: object = float(text)
+        except ValueError:
+            value = text
+        try:
+            return check_number(
+                value, "value", low=low, high=high, low_open=low_open, high_open=high_open
+            )
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("value ")) from None
+
+    parse.__name__ = "number"
+    return parse
+
+
+SEED = integer_flag(0)
+"""Seeds: numpy's generators take none below 0."""
+COUNT = integer_flag(1)
+"""How many of something: at least one."""
+CPUS = number_flag(0, low_open=True)
+"""CPUs of a run: any positive amount (a fraction packs runs on a core)."""
+GPUS = number_flag(0)
+"""GPUs of a run: 0 for none, a fraction packs runs on one GPU."""
+WORKERS = integer_flag(0)
+"""DataLoader processes: 0 loads in the training process."""
+FOLDS = integer_flag(2)
+"""Folds of a k-fold ensemble: two at least."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a batch scheduler, `kill` or a reclaimed spot node sends), raised where the
+    program is, like Ctrl-C, so the same clean-up runs and nothing is left half-made."""
+
+
+TERMINATED_EXIT = 128 + signal.SIGTERM
+"""The exit status shells give a process that SIGTERM ended."""
+
+
+_signalled: list[int] = []
+"""The signals `handle_sigterm`'s handler received: a library that catches the `Terminated` it
+raised and raises a plain KeyboardInterrupt in its place (Ray's waits do) loses its type."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    _signalled.append(signum)
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM raise `Terminated` in the main thread. Call it again after anything that
+    installs a handler of its own: Ray's driver does (it prints a native stack dump and exits)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def run_cli(
@@ -20,6 +156,8 @@ def run_cli(
     read-only filesystem), named by what failed and the path. Anything else is a bug in the
     project and keeps its traceback.
     """
+    handle_sigterm()
+    _signalled.clear()
     try:
         return main(argv) or 0
     except MarsSegError as err:
@@ -28,7 +166,10 @@ def run_cli(
         print(f"error: file not found: {err.filename or err}", file=sys.stderr)
     except OSError as err:
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if isinstance(err, Terminated) or _signalled:
+            print("error: terminated (SIGTERM)", file=sys.stderr)
+            return TERMINATED_EXIT
         print("error: interrupted", file=sys.stderr)
         return 130
     return 2
@@ -73,7 +214,7 @@ def program(module: str, script: str) -> str:
 def add_max_epochs_flag(parser: argparse.ArgumentParser, help: str) -> None:
     """`--max-epochs N` (the config field it sets), also spelt `--epochs` as it used to be."""
     parser.add_argument(
-        "--max-epochs", "--epochs", dest="max_epochs", type=int, metavar="N", help=help
+        "--max-epochs", "--epochs", dest="max_epochs", type=COUNT, metavar="N", help=help
     )
 
 
@@ -84,7 +225,7 @@ def add_cpus_flag(parser: argparse.ArgumentParser, help: str, default: float | N
         "--cpus-per-trial",
         "--threads",
         dest="cpus_per_trial",
-        type=float,
+        type=CPUS,
         metavar="N",
         default=default,
         help=help,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -232,6 +233,8 @@ class TrainConfig:
         """Read a YAML (1.2 numbers: `lr: 3e-4`) or JSON config; a missing file or a syntax error
         is one clear line."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, not a config file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         if path.suffix == ".json":
@@ -329,6 +332,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         _expect(
             isinstance(value, (int, float)) and not isinstance(value, bool), name, "a number", value
         )
+        _expect(math.isfinite(value), name, "a finite number", value)
         return float(value)
     elif hint is str:
         _expect(isinstance(value, str), name, "a string", value)

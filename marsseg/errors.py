@@ -38,3 +38,8 @@ def first_line(err: BaseException) -> str:
     one-line message quotes of an error whose full text may run to a page."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+class TrainingError(MarsSegError):
+    """A run that cannot go on: its loss or gradients became NaN or infinite. Raised at the step
+    it happened, before the optimiser applies it, so no model of non-finite weights is kept."""

@@ -130,6 +130,8 @@ def predict_masks(
 
 def check_target(path: Path, force: bool) -> None:
     """Refuse to replace an existing submission unless asked to: it may be the one that scored."""
+    if path.is_dir():  # --force would not help: no file can be written there
+        raise DataError(f"{path} is a folder; the submission needs a file path")
     if path.exists() and not force:
         raise DataError(f"{path} exists; pass --force to overwrite it")
 
@@ -137,6 +139,10 @@ def check_target(path: Path, force: bool) -> None:
 def require_test_set(archive: MarsArchive) -> None:
     if archive.test_images is None:
         raise DataError(f"{archive.source} has no 'test_set': there is nothing to predict")
+    if len(archive.test_images) == 0:
+        raise DataError(
+            f"{archive.source} has an empty 'test_set' (0 images): there is nothing to predict"
+        )
 
 
 def predict_submission(
@@ -227,6 +233,12 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
                 f"{path}: member {k}'s weights do not fit its config's {config.model.name} "
                 f"({first.rstrip(':.')})"
             ) from None
+        bad = next((n for n, t in model.state_dict().items() if not t.isfinite().all()), None)
+        if bad is not None:
+            raise ConfigError(
+                f"{path}: member {k}'s weights are not finite (NaN or inf in {bad}): it was "
+                "trained into garbage, and would predict garbage"
+            )
         models.append(model.eval())
     offsets = state.get("offsets")
     if offsets is not None:

@@ -47,6 +47,11 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, empty_ok: bool = False
     path = Path(path)
     try:
         values = parse_yaml(path.read_text())
+    except yaml.MarkedYAMLError as err:  # a syntax error: say where, as an editor would
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join((err.problem or err.context or "syntax error").split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if values is None and empty_ok:

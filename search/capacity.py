@@ -17,6 +17,7 @@ from typing import Any
 import ray
 import yaml
 
+from marsseg.cli import handle_sigterm
 from marsseg.errors import SearchError, first_line
 
 AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")
@@ -79,6 +80,7 @@ def connect(address: str | None) -> None:
         raise SearchError(
             f"cannot connect to Ray at {address or 'a new local instance'}: {first}"
         ) from None
+    handle_sigterm()  # Ray's driver took SIGTERM over: a native stack dump instead of one line
 
 
 def capacity(autoscaler_config: Path | None = None) -> Capacity:

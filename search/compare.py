@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from marsseg.cli import add_max_epochs_flag, command, program
+from marsseg.cli import SEED, ArgumentParser, add_max_epochs_flag, command, number_flag, program
 from marsseg.config import PRESETS, TrainConfig, preset
 from marsseg.data import MarsArchive, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError
@@ -83,7 +83,7 @@ def parse_candidate(text: str) -> Candidate:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=program("search.compare", "marsseg-compare"),
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -93,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--candidate", action="append", required=True, help="NAME=preset:NAME or NAME=CONFIG")
     add("--data", type=Path, help="archive .npz (default: the synthetic one)")
     add_max_epochs_flag(parser, "the equal budget: the most epochs of every run (required)")
-    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    add("--seeds", type=SEED, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     add(
         "--val-fraction",
-        type=float,
+        type=number_flag(0, 1, low_open=True, high_open=True),
         default=0.2,
         help="share of images held out for scoring (default: 0.2)",
     )
-    add("--split-seed", type=int, default=0, help="seed of the one validation split (default: 0)")
+    add("--split-seed", type=SEED, default=0, help="seed of the one validation split (default: 0)")
     add_resource_flags(parser)
     add(
         "--out",
@@ -121,10 +121,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_epochs is None:
         parser.error("the following arguments are required: --max-epochs")
-    if args.max_epochs < 1:
-        raise ConfigError("--max-epochs must be >= 1")
-    if not 0 < args.val_fraction < 1:
-        raise ConfigError(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
     if len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds repeats a seed: {args.seeds}")
     return args

@@ -20,19 +20,20 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import yaml
 
+from marsseg.cli import check_number
 from marsseg.config import TrainConfig
 from marsseg.errors import ConfigError, SearchError
 from marsseg.fileio import atomic_path
 from marsseg.yamlfile import read_yaml_mapping
 from search.asha import ASHA_STATE
-from search.storage import Storage, delete_folder, download_files, upload_files
+from search.storage import Storage, delete_folder, download_files, folder_entries, upload_files
 
 BASE_CONFIG = "base_config.yaml"
 """What the space does not sample, with the data's provenance; saved at start."""
@@ -81,11 +82,21 @@ class SearchSettings:
     no_reuse_actors: bool = False
 
     def __post_init__(self) -> None:
-        for flag in ("num_samples", "max_epochs", "grace_period"):
-            if getattr(self, flag) < 1:
-                raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
-        if self.reduction_factor <= 1:
-            raise ConfigError("--reduction-factor must be > 1")
+        """The flags' own rules (`marsseg.cli`), for settings built in code or read back."""
+        rules: dict[str, dict[str, Any]] = {
+            "limit_images": {"integer": True, "low": 1},
+            "num_samples": {"integer": True, "low": 1},
+            "max_epochs": {"integer": True, "low": 1},
+            "grace_period": {"integer": True, "low": 1},
+            "reduction_factor": {"low": 1, "low_open": True},
+            "max_concurrent": {"integer": True, "low": 1},
+            "seed": {"integer": True, "low": 0},
+            "time_budget": {"low": 0, "low_open": True},
+        }
+        for name, rule in rules.items():
+            value = getattr(self, name)
+            if value is not None:
+                check_number(value, f"--{name.replace('_', '-')}", **rule)
         for flag, known in (("sampler", SAMPLERS), ("scheduler", SCHEDULERS)):
             if getattr(self, flag) not in known:
                 raise ConfigError(f"--{flag} must be one of {', '.join(known)}")
@@ -132,6 +143,23 @@ def _typed(value: Any, hint: Any, what: str) -> Any:
     raise ConfigError(f"{what} must be {kind.__name__}, got {value!r}")
 
 
+def check_name(name: str, flag: str = "--name") -> str:
+    """`name` if it is one folder name, as an experiment's must be: it names a folder in the
+    storage and in `results/`, and a failed start removes what it made there."""
+    if (
+        not name
+        or name in (".", "..")
+        or any(c in name for c in "/\\\0")
+        or name.startswith("-")
+        or name != name.strip()
+    ):
+        raise ConfigError(
+            f"{flag} {name!r} is not a folder name: give one name, without '/' or surrounding "
+            "spaces, not '.' or '..', not starting with '-' (e.g. marsseg-1)"
+        )
+    return name
+
+
 def results_folder(name: str) -> Path:
     """Where the exports and the final training of experiment `name` go by default."""
     return Path("results") / name
@@ -145,6 +173,8 @@ class Experiment:
     storage: Storage
     base: TrainConfig
     settings: SearchSettings
+    found: frozenset[str] = field(default=frozenset(), compare=False)
+    """What the experiment folder held before this run started it: `discard` leaves it be."""
 
     @property
     def uri(self) -> str:
@@ -181,7 +211,8 @@ class Experiment:
         Driver files already there are what a start that never ran a trial left (Tune had
         nothing to resume): they are removed, with one line saying so, so that the new search
         does not continue that start's study or rungs."""
-        experiment = cls(name, storage, base, settings)
+        found = folder_entries(storage.experiment(name)) - {LOCK_FILE}
+        experiment = cls(name, storage, base, settings, found)
         experiment.driver.mkdir(parents=True, exist_ok=True)
         left = [f for f in DRIVER_FILES if (experiment.driver / f).is_file()]
         for file in left:
@@ -242,12 +273,13 @@ class Experiment:
             )
 
     def discard(self) -> None:
-        """Remove the experiment (its driver files and Tune's folder, but not the driver's
-        lock): what `search.run` does when a new search fails before its first trial, so that
-        nothing is left for a rerun to mistake for a search to resume."""
-        for file in DRIVER_FILES:
+        """Remove what this run made of the experiment (its driver files and Tune's, but not the
+        driver's lock nor anything the folder held before): what `search.run` does when a new
+        search fails before its first trial or with every trial failed, so that nothing is left
+        for a rerun to mistake for a search to resume."""
+        for file in DRIVER_FILES:  # this run's own: `new` removed any an earlier start left
             (self.driver / file).unlink(missing_ok=True)
-        delete_folder(self.uri, keep=(LOCK_FILE,))
+        delete_folder(self.uri, keep=(LOCK_FILE, *self.found))
 
     def sync(self) -> None:
         """Upload the driver's files to the experiment's storage (shared storage only)."""

@@ -24,11 +24,18 @@ from pathlib import Path
 
 from ray.tune import ExperimentAnalysis, ResultGrid
 
-from marsseg.cli import command, program
+from marsseg.cli import COUNT, ArgumentParser, command, program
 from marsseg.errors import SearchError
 from marsseg.fileio import check_writable
 from marsseg.models import list_models
-from search.experiment import BEST_CONFIG, DEFAULT_STORAGE, LEADERBOARD, TIMELINE, Experiment
+from search.experiment import (
+    BEST_CONFIG,
+    DEFAULT_STORAGE,
+    LEADERBOARD,
+    TIMELINE,
+    Experiment,
+    check_name,
+)
 from search.plots import PLOTS, write_experiment_plots
 from search.results import (
     leaderboard,
@@ -42,7 +49,7 @@ SUMMARY_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "epochs", "best_e
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=program("search.export", "marsseg-export"), description=__doc__.splitlines()[0]
     )
     parser.add_argument(
@@ -56,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the experiment --name is, as search.run --storage gave it "
         f"(default: {DEFAULT_STORAGE})",
     )
-    parser.add_argument("--top-k", type=int, default=5, help="how many configs (default: 5)")
+    parser.add_argument("--top-k", type=COUNT, default=5, help="how many configs (default: 5)")
     parser.add_argument(
         "--arch",
         default="marsseg",
@@ -90,7 +97,7 @@ def location(args: argparse.Namespace) -> str:
             "no experiment given: name it with --name NAME [--storage S], or give its folder"
         )
     storage = os.path.expanduser(args.storage or DEFAULT_STORAGE)  # as search.run's check does
-    return f"{storage.rstrip('/')}/{args.name}"
+    return f"{storage.rstrip('/')}/{check_name(args.name)}"
 
 
 def read_results(experiment: Experiment) -> ResultGrid:

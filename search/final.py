@@ -55,7 +55,17 @@ from tqdm import tqdm
 
 from marsseg.calibrate import Calibration, apply_offsets, fit_offsets, format_offsets
 from marsseg.classes import CLASS_NAMES, NUM_CLASSES, SCORED_CLASSES
-from marsseg.cli import add_decoding_flags, add_max_epochs_flag, command, program, torch_threads
+from marsseg.cli import (
+    COUNT,
+    FOLDS,
+    WORKERS,
+    ArgumentParser,
+    add_decoding_flags,
+    add_max_epochs_flag,
+    command,
+    program,
+    torch_threads,
+)
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive, kfold_plans, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError, DataError
@@ -93,7 +103,7 @@ RERANK_DIR = "rerank"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=program("search.final", "marsseg-final"),
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,19 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, required=True, help="training config (YAML/JSON)")
     parser.add_argument("--data", type=Path, help="archive (default: the synthetic one)")
-    parser.add_argument("--folds", type=int, help="train K models on K folds and ensemble them")
+    parser.add_argument("--folds", type=FOLDS, help="train K models on K folds and ensemble them")
     add_max_epochs_flag(
         parser,
         "epochs of the all-data model, or the most of each fold (default: from the search's "
         "best epoch; for folds, the config's max_epochs)",
     )
-    parser.add_argument("--rerank", type=int, help="retrain the top N exported configs first")
+    parser.add_argument("--rerank", type=COUNT, help="retrain the top N exported configs first")
     parser.add_argument(
-        "--rerank-seeds", type=int, default=2, help="seeds per reranked config (default: 2)"
+        "--rerank-seeds", type=COUNT, default=2, help="seeds per reranked config (default: 2)"
     )
     parser.add_argument("--out", type=Path, help="output folder (default: results/final/<name>)")
     parser.add_argument(
-        "--workers", type=int, default=0, help="loader workers (online aug; default: 0)"
+        "--workers", type=WORKERS, default=0, help="loader workers (online aug; default: 0)"
     )
     parser.add_argument(
         "--compress", action="store_true", help="write submission.csv.gz (~1 MB, not ~30 MB)"
@@ -516,6 +526,8 @@ def train_final(config: TrainConfig, archive: MarsArchive, settings: FinalSettin
     need = submission_bytes(len(archive.test_images), settings.compress)
     check_output(settings.submission_path, need, what="submission")
     check_data(config, archive, settings)
+    if settings.folds:
+        kfold_plans(archive.masks, settings.folds, config.seed)  # enough images for the folds
     threads = torch_threads(settings.cpus)
     if threads:
         torch.set_num_threads(threads)

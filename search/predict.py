@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from marsseg.calibrate import format_offsets
-from marsseg.cli import add_decoding_flags, command, program
+from marsseg.cli import ArgumentParser, add_decoding_flags, command, program
 from marsseg.data import load_archive
 from marsseg.data.synthetic import ensure_default_archive
 from marsseg.device import resolve_device
@@ -25,7 +25,7 @@ from marsseg.submission import submission_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=program("search.predict", "marsseg-predict"), description=__doc__.splitlines()[0]
     )
     parser.add_argument("--model", type=Path, required=True, help="model.pt from search.final")

@@ -19,22 +19,36 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 from ray import tune
 from ray.tune import ResultGrid
 
-from marsseg.cli import command, program
+from marsseg.cli import (
+    COUNT,
+    CPUS,
+    FOLDS,
+    GPUS,
+    SEED,
+    ArgumentParser,
+    command,
+    number_flag,
+    program,
+)
 from marsseg.config import TrainConfig, preset
-from marsseg.data import MarsArchive, load_clean_archive
+from marsseg.data import MarsArchive, load_clean_archive, train_val_split
 from marsseg.data.synthetic import default_archive_path
 from marsseg.errors import ConfigError, SearchError
 from marsseg.fileio import check_writable
+from marsseg.models import list_models
 from marsseg.predict import check_target
 from marsseg.yamlfile import read_yaml_mapping
 from search.capacity import (
@@ -55,6 +69,7 @@ from search.experiment import (
     TIMELINE,
     Experiment,
     SearchSettings,
+    check_name,
     driver_folder,
     results_folder,
 )
@@ -71,10 +86,10 @@ from search.results import (
     with_provenance,
     write_leaderboard,
 )
-from search.storage import Storage, check_shared_storage, check_storage
+from search.storage import Storage, check_shared_storage, check_storage, parse_storage
 from search.timeline import read_timeline, summarise_timeline
 from search.tuner import TrialResources, TrialStarts, new_tuner, restore_tuner
-from spaces import SPACE_NAMES, SearchSpace, get_space
+from spaces import SPACE_NAMES, SearchSpace, get_space, params_to_config
 
 SYNTHETIC_IMAGES = 256
 """Images the no-flag run trains on (of the synthetic default's 2505), so it takes minutes."""
@@ -109,7 +124,7 @@ keys of a `--settings` file."""
 
 def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     """The flags; a flag not given is absent from the namespace (see `parse_args`)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=program("search.run", "marsseg-search"),
         description=__doc__.splitlines()[0],
         argument_default=argparse.SUPPRESS,
@@ -144,20 +159,32 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
         "--limit-images",
         f"train on the first N cleaned images (default: all; {SYNTHETIC_IMAGES} on the "
         "synthetic default)",
-        type=int,
+        type=COUNT,
     )
     _flag(parser, "--train-config", "base training config for what the space leaves fixed")
 
 
 def _search_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--space", f"search space: {', '.join(SPACE_NAMES)}")
-    _flag(parser, "--num-samples", "trials to run", type=int)
-    _flag(parser, "--max-epochs", "epochs of a trial that is never stopped", type=int)
-    _flag(parser, "--grace-period", "ASHA: epochs before a trial can be stopped", type=int)
-    _flag(parser, "--reduction-factor", "ASHA: keep 1/N at each rung", type=float)
-    _flag(parser, "--max-concurrent", "trials at once (default: what the cluster holds)", type=int)
-    _flag(parser, "--seed", "seed of the sampler and of every trial's training", type=int)
-    _flag(parser, "--time-budget", "stop the whole search after this many seconds", type=float)
+    _flag(parser, "--num-samples", "trials to run", type=COUNT)
+    _flag(parser, "--max-epochs", "epochs of a trial that is never stopped", type=COUNT)
+    _flag(parser, "--grace-period", "ASHA: epochs before a trial can be stopped", type=COUNT)
+    _flag(
+        parser,
+        "--reduction-factor",
+        "ASHA: keep 1/N at each rung",
+        type=number_flag(1, low_open=True),
+    )
+    _flag(
+        parser, "--max-concurrent", "trials at once (default: what the cluster holds)", type=COUNT
+    )
+    _flag(parser, "--seed", "seed of the sampler and of every trial's training", type=SEED)
+    _flag(
+        parser,
+        "--time-budget",
+        "stop the whole search after this many seconds",
+        type=number_flag(0, low_open=True),
+    )
     _flag(parser, "--sampler", f"Optuna sampler of the trials: {', '.join(SAMPLERS)}")
     _flag(parser, "--scheduler", f"{', '.join(SCHEDULERS)} (fifo: no early stopping)")
     _flag(
@@ -183,10 +210,8 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _resource_flags(parser: argparse.ArgumentParser) -> None:
-    _flag(
-        parser, "--gpus-per-trial", "GPUs per trial; 0.25 packs 4 (default: 1 if any)", type=float
-    )
-    _flag(parser, "--cpus-per-trial", "CPUs per trial (torch threads)", type=float)
+    _flag(parser, "--gpus-per-trial", "GPUs per trial; 0.25 packs 4 (default: 1 if any)", type=GPUS)
+    _flag(parser, "--cpus-per-trial", "CPUs per trial (torch threads)", type=CPUS)
     _flag(parser, "--address", "Ray address: 'auto' joins a cluster from `ray up` (default: local)")
     _flag(
         parser,
@@ -198,7 +223,7 @@ def _resource_flags(parser: argparse.ArgumentParser) -> None:
         parser,
         "--checkpoint-every",
         "checkpoint every N epochs and the last; a retried trial redoes up to N-1 epochs",
-        type=int,
+        type=COUNT,
     )
 
 
@@ -207,12 +232,14 @@ def _final_flags(parser: argparse.ArgumentParser) -> None:
         parser, "--final", "then export the best config and run search.final", action="store_true"
     )
     _flag(parser, "--final-arch", "architecture --final retrains, or 'any'")
-    _flag(parser, "--final-folds", "--final trains a k-fold ensemble (see search.final)", type=int)
+    _flag(
+        parser, "--final-folds", "--final trains a k-fold ensemble (see search.final)", type=FOLDS
+    )
     _flag(
         parser,
         "--final-max-epochs",
         "--final's epochs (default: derived from the search)",
-        type=int,
+        type=COUNT,
     )
     _flag(parser, "--force", "let --final overwrite an existing submission", action="store_true")
 
@@ -271,6 +298,10 @@ def load_data(data: str | None, limit: int | None) -> tuple[MarsArchive, dict[st
     archive, report = load_clean_archive(data)
     print(f"data: {source}: {report.summary()}")
     provenance: dict[str, Any] = {"data": source, "data_checksum": archive.checksum()}
+    if limit is not None and limit > len(archive):
+        raise ConfigError(
+            f"--limit-images {limit}: the cleaned archive holds only {len(archive)} images"
+        )
     limit = limit or (None if data else SYNTHETIC_IMAGES)
     if limit is not None and limit < len(archive):
         archive = archive.subset(np.arange(limit))
@@ -283,6 +314,43 @@ def base_config(args: argparse.Namespace, settings: SearchSettings) -> TrainConf
     """What the space does not sample: the base config, with the search's epochs and seed."""
     base = TrainConfig.load(args.train_config) if args.train_config else preset("reference")
     return base.replace(max_epochs=settings.max_epochs, seed=settings.seed)
+
+
+@dataclass(frozen=True)
+class NewSearch:
+    """What a new search trains on, checked before its experiment exists."""
+
+    base: TrainConfig
+    archive: MarsArchive
+    provenance: dict[str, Any]
+
+
+def prepare_new(
+    args: argparse.Namespace, settings: SearchSettings, space: SearchSpace
+) -> NewSearch:
+    """Load and check everything a new search's trials will need, so that a mistake is one line
+    now instead of every trial failing on it later: the base config, the data (and
+    `--limit-images` within it), a split with images on both sides, and a config the space
+    proposes that builds its model."""
+    base = base_config(args, settings)
+    if base.val_fraction == 0:
+        raise ConfigError(
+            f"--train-config {args.train_config}: val_fraction is 0, and a search ranks its "
+            "trials on a validation split"
+        )
+    archive, provenance = load_data(args.data or settings.data, settings.limit_images)
+    try:
+        train_val_split(archive.masks, base.val_fraction, base.seed)
+    except ConfigError as err:
+        raise ConfigError(f"the search's base config: {err}") from None
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=settings.seed))
+    trial = study.ask()
+    constants = space.space(trial) or {}
+    try:
+        params_to_config({**trial.params, **constants}, base).model.build()
+    except ConfigError as err:
+        raise ConfigError(f"space {settings.space} on the base config: {err}") from None
+    return NewSearch(base, archive, provenance)
 
 
 def resume_if_asked(
@@ -301,7 +369,10 @@ def resume_if_asked(
     if "train_config" in given:
         ignored.append(f"--train-config {given['train_config']} (kept: its base config)")
     if ignored:
-        print(f"resume: ignoring {', '.join(ignored)}")
+        print(
+            f"resume: ignoring {', '.join(ignored)}; to search with them, give a new --name "
+            f"(or delete {experiment.uri} to start this one over)"
+        )
     return experiment
 
 
@@ -336,16 +407,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, given = parse_args(argv)
     # Everything that can be refused from the flags alone is, before anything is created.
     settings = settings_from(args)  # checks the flags, also where a resume then ignores them
-    get_space(settings.space)
-    if args.resume and not args.name:
+    space = get_space(settings.space)
+    if args.resume and args.name is None:
         raise ConfigError("--resume needs --name of the experiment to continue")
-    name = args.name or f"{settings.space}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = check_name(args.name) if args.name is not None else default_name(settings.space)
     if args.final:
+        check_architecture(args.final_arch, "--final-arch")
         check_final_outputs(final_settings(args, given, name))
+    # A new search's inputs are checked before its experiment (or the storage) is made.
+    storage = parse_storage(args.storage)
+    new = None
+    if not (args.resume or tune.Tuner.can_restore(storage.experiment(name))):
+        new = prepare_new(args, settings, space)
     storage = check_storage(args.storage)
     # Held until the search (and --final) ends: a second driver on `name` is refused.
     with DriverLock(driver_folder(storage, name) / LOCK_FILE, name, args.break_lock):
-        experiment, results = run_search(args, given, settings, storage, name)
+        experiment, results = run_search(args, given, settings, storage, name, new)
         report(results, experiment)
         if args.final:
             run_final(args, given, experiment)
@@ -358,15 +435,20 @@ def run_search(
     settings: SearchSettings,
     storage: Storage,
     name: str,
+    new: NewSearch | None = None,
 ) -> tuple[Experiment, ResultGrid]:
-    """Resume the experiment `name` or start it, and run its trials to the end."""
+    """Resume the experiment `name` or start it (from `new`, its checked inputs), and run its
+    trials to the end."""
     resumed = resume_if_asked(args, given, storage)
     settings = resumed.settings if resumed else settings
     space = get_space(settings.space)
-    base = resumed.base if resumed else base_config(args, settings)  # before loading data
-    archive, provenance = load_data(args.data or settings.data, settings.limit_images)
     if resumed:
+        base = resumed.base
+        archive, provenance = load_data(args.data or settings.data, settings.limit_images)
         resumed.check_data(provenance["data_checksum"], provenance["data"])
+    else:
+        new = new or prepare_new(args, settings, space)
+        base, archive, provenance = new.base, new.archive, new.provenance
     resources, concurrent = plan_resources(args, storage, settings, base, len(archive))
     if resumed:
         return resumed, restore_tuner(resumed, archive, resources).fit()
@@ -374,6 +456,19 @@ def run_search(
     base = base.replace(provenance={**provenance, "space": settings.space})
     experiment = Experiment.new(storage, name, base, settings)
     return experiment, fit_new(experiment, space, archive, resources)
+
+
+def default_name(space: str) -> str:
+    """`<space>-<time>`, with a custom space's `module:function` made a folder name."""
+    return f"{space.replace(':', '-').replace('.', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_architecture(arch: str, flag: str) -> str:
+    """`arch` if the registry knows it (or it is 'any'): refused now, not after the search."""
+    if arch != "any" and arch not in list_models():
+        known = ", ".join(list_models())
+        raise ConfigError(f"{flag} {arch!r}: unknown architecture; known: {known}, or 'any'")
+    return arch
 
 
 def fit_new(
@@ -412,7 +507,7 @@ def final_settings(args: argparse.Namespace, given: dict[str, Any], name: str) -
         cpus=given.get("cpus_per_trial"),
         gpus=args.gpus_per_trial,
         address=args.address,
-        command=f"python -m search.run {' '.join(sys.argv[1:])}",
+        command=f"python -m search.run {shlex.join(sys.argv[1:])}",
     )
 
 
@@ -448,8 +543,8 @@ def report(results: ResultGrid, experiment: Experiment) -> None:
         print(
             f"\nwrote {folder / LEADERBOARD} and {folder / BEST_CONFIG} ({summaries[0].trial_id})"
         )
-        print(f"watch it: tensorboard --logdir {experiment.uri}")
-        print(f"          optuna-dashboard sqlite:///{folder / STUDY_FILE}")
+        print(f"watch it: tensorboard --logdir {shlex.quote(experiment.uri)}")
+        print(f"          optuna-dashboard {shlex.quote(f'sqlite:///{folder / STUDY_FILE}')}")
         print_next_steps(experiment, summaries)
     else:
         print(f"no trial reported a result; see the trial logs under {experiment.uri}")
@@ -463,13 +558,18 @@ def report(results: ResultGrid, experiment: Experiment) -> None:
 
 def print_next_steps(experiment: Experiment, summaries: list[TrialSummary]) -> None:
     """The commands that take the search's pick on: export it, train it for real."""
-    any_arch = "" if any(s.config.model.name == "marsseg" for s in summaries) else " --arch any"
-    data = f" --data {experiment.settings.data}" if experiment.settings.data else ""
-    best = experiment.results / BEST_CONFIG
+    export_args = ["--name", experiment.name]
     default = Storage(str(Path(DEFAULT_STORAGE).absolute()), shared=False)
-    storage = "" if experiment.storage == default else f" --storage {experiment.storage.flag}"
-    print(f"next:     python -m search.export --name {experiment.name}{storage}{any_arch}")
-    print(f"          python -m search.final --config {best}{data}")
+    if experiment.storage != default:
+        export_args += ["--storage", experiment.storage.flag]
+    if not any(s.config.model.name == "marsseg" for s in summaries):
+        export_args += ["--arch", "any"]
+    final_args = ["--config", str(experiment.results / BEST_CONFIG)]
+    if experiment.settings.data:
+        final_args += ["--data", experiment.settings.data]
+    # Quoted for a shell, so a path with spaces or other special characters pastes as it is.
+    print(f"next:     python -m search.export {shlex.join(export_args)}")
+    print(f"          python -m search.final {shlex.join(final_args)}")
 
 
 def check_outcome(
@@ -481,10 +581,12 @@ def check_outcome(
         f"{', '.join(e.trial_id for e in errors)} (first: {errors[0].message})" if errors else ""
     )
     if not summaries:
+        # Nothing to resume: keeping it would make a corrected rerun continue the same failure.
+        experiment.discard()
         errored = f"; {len(errors)} errored: {named}" if errors else ""
         raise SearchError(
-            f"no trial of experiment {experiment.name} reported a result{errored}; see the "
-            f"trial logs under {experiment.uri}"
+            f"no trial of experiment {experiment.name} reported a result{errored}; removed the "
+            "experiment, so a rerun with its --name starts afresh"
         )
     if len(errors) > MAX_ERRORED_SHARE * trials:
         raise SearchError(

@@ -47,8 +47,8 @@ class Storage:
         return f"{self.path.rstrip('/')}/{name}"
 
 
-def check_storage(storage: str) -> Storage:
-    """Make sure the experiment storage exists and is writable; say whether all nodes reach it.
+def parse_storage(storage: str) -> Storage:
+    """The `Storage` that `--storage` names, touching nothing (see `check_storage`).
 
     `file:///abs/path` is a local path that the user declares mounted on every node; it reaches
     Tune as the plain path (Ray treats both alike). As with S3, the driver's own files (the
@@ -56,11 +56,20 @@ def check_storage(storage: str) -> Storage:
     `search.experiment`).
     """
     if urlparse(storage).scheme == SHARED_PATH_SCHEME:
-        return Storage(_writable_dir(_shared_path(storage)), shared=True)
+        return Storage(_shared_path(storage), shared=True)
     if "://" in storage:
-        _check_remote(storage)
         return Storage(storage, shared=True)
-    return Storage(_writable_dir(os.path.abspath(os.path.expanduser(storage))), shared=False)
+    return Storage(os.path.abspath(os.path.expanduser(storage)), shared=False)
+
+
+def check_storage(storage: str) -> Storage:
+    """Make sure the experiment storage exists and is writable; say whether all nodes reach it."""
+    parsed = parse_storage(storage)
+    if "://" in parsed.path:
+        _check_remote(parsed.path)
+    else:
+        _writable_dir(parsed.path)
+    return parsed
 
 
 def _shared_path(storage: str) -> str:
@@ -171,6 +180,15 @@ def download_files(target: str, names: Iterable[str], folder: Path) -> list[str]
         )
         fetched.append(name)
     return fetched
+
+
+def folder_entries(target: str) -> frozenset[str]:
+    """The names of what the folder or URI `target` holds (none when it does not exist)."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(target)
+    selector = pyarrow.fs.FileSelector(root, allow_not_found=True)
+    return frozenset(entry.base_name for entry in fs.get_file_info(selector))
 
 
 def delete_folder(target: str, keep: Iterable[str] = ()) -> None:

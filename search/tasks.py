@@ -25,7 +25,7 @@ import ray
 from ray.actor import ActorHandle
 from tqdm import tqdm
 
-from marsseg.cli import add_cpus_flag, torch_threads
+from marsseg.cli import GPUS, add_cpus_flag, torch_threads
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.errors import MarsSegError
@@ -59,7 +59,7 @@ def add_resource_flags(
     stage spells them."""
     add_cpus_flag(parser, cpus_help or f"CPUs per {what}, its torch threads (default: 1)")
     add = parser.add_argument
-    add("--gpus-per-trial", type=float, help=f"GPUs per {what}; 0.25 packs 4 (default: 1 if any)")
+    add("--gpus-per-trial", type=GPUS, help=f"GPUs per {what}; 0.25 packs 4 (default: 1 if any)")
     add("--address", help="Ray address: 'auto' joins a cluster (default: a local Ray)")
 
 

@@ -1,12 +1,14 @@
 """Search spaces: Optuna define-by-run functions, one module per space, selected by name.
 
 Each space module defines a module-level `space(trial)` (OptunaSearch pickles it by reference
-for resume). `get_space(name)` returns it with its starting points: every space but `reference`
-enqueues the reference recipe first, so a search can never end worse than the recipe.
+for resume). `get_space(name)` returns it with its starting points, run first: the configs its
+module's `starting_configs()` returns, or else the reference recipe (every space but
+`reference`), so a search can never end worse than them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,8 +48,11 @@ def get_space(name: str) -> SearchSpace:
         raise ConfigError(f"unknown search space {name!r}; known: {known} (or module:function)")
     if name == "reference":
         return SearchSpace(name, space)
-    try:
-        points = [config_to_params(preset("reference"), space)]
-    except ValueError:
-        points = []  # a custom space that cannot express the recipe starts from TPE alone
+    module = importlib.import_module(space.__module__)
+    starts = getattr(module, "starting_configs", lambda: [preset("reference")])()
+    points = []
+    for config in starts:
+        # a custom space that cannot express the recipe starts from TPE alone
+        with contextlib.suppress(ValueError):
+            points.append(config_to_params(config, space))
     return SearchSpace(name, space, points)

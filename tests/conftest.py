@@ -73,3 +73,43 @@ def tiny_archive(tmp_path_factory):
 
     s = generate(n_train=200, n_test=4, seed=5, n_aliens=0)
     return save_archive(tmp_path_factory.mktemp("data") / "tiny.npz", s.training_set, s.test_set)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A model file of the tiny U-Net the bad-input cases use."""
+    from cli_harness import TINY
+
+    from marsseg.config import TrainConfig
+    from marsseg.predict import save_models
+
+    torch.manual_seed(0)
+    config = TrainConfig.from_dict(TINY)
+    return save_models(
+        tmp_path_factory.mktemp("model") / "model.pt", config, [config.model.build()]
+    )
+
+
+@pytest.fixture
+def place(tmp_path, tiny_archive, model_file, monkeypatch):
+    """A fresh folder for a bad-input case, with every stage's training and Ray entry replaced
+    by `cli_harness.never`: a case that gets that far fails the test."""
+    from cli_harness import Place, never
+
+    import marsseg.train.__main__ as train_cli
+    from search import compare
+    from search import final as final_stage
+    from search import run as search_run
+
+    for module, name in [
+        (train_cli, "fit"),
+        (final_stage, "fit"),
+        (final_stage, "train_folds"),
+        (final_stage, "start_ray"),
+        (compare, "start_ray"),
+        (search_run, "plan_resources"),
+    ]:
+        monkeypatch.setattr(module, name, never)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a regular file, not a folder\n")
+    return Place(tmp_path, tiny_archive, model_file, blocker)

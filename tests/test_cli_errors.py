@@ -12,71 +12,22 @@ import errno
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_harness import Case, Place, check_case, never
 
 import marsseg.data.__main__ as data_cli
 import marsseg.train.__main__ as train_cli
 from marsseg.cli import run_cli
-from marsseg.config import TrainConfig
-from marsseg.predict import save_models
 from search import compare, export
 from search import final as final_stage
 from search import predict as predict_stage
 from search import run as search_run
 
-TINY = {"model": {"name": "unet", "knobs": {"depth": 2, "base_channels": 8}}, "batch_size": 4}
 NO_SPACE = "No space left on device"
-
-
-@dataclass
-class Place:
-    """The files a case may point at, in a fresh folder per case."""
-
-    root: Path
-    archive: Path
-    model: Path
-    blocker: Path
-    """A regular file: any path under it is unwritable, even for root."""
-
-    def yaml(self, name: str, text: str) -> Path:
-        path = self.root / name
-        path.write_text(text)
-        return path
-
-    def config(self, name: str, **changes: object) -> Path:
-        """A valid tiny config file with top-level `changes` (spliced in as YAML text)."""
-        path = TrainConfig.from_dict(TINY).save(self.root / name)
-        if changes:
-            text = "".join(f"{k}: {v}\n" for k, v in changes.items())
-            lines = [
-                line
-                for line in path.read_text().splitlines(keepends=True)
-                if line.split(":")[0] not in changes
-            ]
-            path.write_text("".join(lines) + text)
-        return path
-
-    def damaged_model(self, name: str, edit: Callable[[dict], None]) -> Path:
-        state = torch.load(self.model, weights_only=True)
-        edit(state)
-        torch.save(state, self.root / name)
-        return self.root / name
-
-
-@dataclass
-class Case:
-    main: Callable
-    argv: list[str]
-    expected: str
-    absent: list[Path] = field(default_factory=list)
-    """Outputs that must not exist afterwards."""
-    kept: list[Path] = field(default_factory=list)
-    """Existing files that must be byte-for-byte unchanged afterwards."""
 
 
 def _enospc(*_: object, **__: object) -> None:
@@ -188,10 +139,15 @@ def _(p, mp):
     return Case(train_cli.main, argv, "--device tpu: not a device name", absent=[out])
 
 
-@case("train: disk full writing config.yaml")
+@case("train: disk full writing config.yaml with the first epoch")
 def _(p, mp):
+    def one_epoch(config, archive, *, on_epoch, **_):
+        metrics = {"epoch": 1, "train_loss": 1.0, "lr": 1e-3, "epoch_time_s": 1.0}
+        on_epoch({**metrics, "stop_reason": ""}, None)
+
     out = p.root / "run"
     argv = ["--config", str(p.config("c.yaml")), "--data", str(p.archive), "--out", str(out)]
+    mp.setattr(train_cli, "fit", one_epoch)
     mp.setattr(Path, "write_text", _enospc)
     return Case(train_cli.main, argv, f"{NO_SPACE}: {out / 'config.yaml'}", absent=[out])
 
@@ -355,7 +311,11 @@ def _(p, mp):
 @case("run: --config with a word where a number goes")
 def _(p, mp):
     config = p.yaml("search.yaml", "num-samples: many\n")
-    return Case(search_run.main, ["--config", str(config)], "invalid int value: 'many'")
+    return Case(
+        search_run.main,
+        ["--config", str(config)],
+        "argument --num-samples: must be an integer >= 1, got 'many'",
+    )
 
 
 @case("run: --config with a string for a switch")
@@ -410,7 +370,9 @@ def _(p, mp):
 def _(p, mp):
     out = p.root / "mars.npz"
     argv = ["synth", "--out", str(out), "--n-train", "0"]
-    return Case(data_cli.main, argv, "need --n-train >= 1", absent=[out])
+    return Case(
+        data_cli.main, argv, "argument --n-train: must be an integer >= 1, got 0", absent=[out]
+    )
 
 
 @case("data inspect: not an archive")
@@ -418,7 +380,7 @@ def _(p, mp):
     bad = p.yaml("bad.npz", "junk")
     out = p.root / "figures"
     argv = ["inspect", str(bad), "--out", str(out)]
-    return Case(data_cli.main, argv, "not a readable NumPy .npz archive", absent=[out])
+    return Case(data_cli.main, argv, "bad.npz is not a NumPy .npz archive", absent=[out])
 
 
 @case("data inspect: --out under a file")
@@ -430,58 +392,9 @@ def _(p, mp):
 # --- the runner -----------------------------------------------------------------------------
 
 
-def _never(*_: object, **__: object) -> None:
-    raise AssertionError("a bad-input case reached training or Ray")
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = TrainConfig.from_dict(TINY)
-    return save_models(
-        tmp_path_factory.mktemp("model") / "model.pt", config, [config.model.build()]
-    )
-
-
-@pytest.fixture
-def place(tmp_path, tiny_archive, model_file, monkeypatch) -> Place:
-    for module, name in [
-        (train_cli, "fit"),
-        (final_stage, "fit"),
-        (final_stage, "train_folds"),
-        (final_stage, "start_ray"),
-        (compare, "start_ray"),
-        (search_run, "plan_resources"),
-    ]:
-        monkeypatch.setattr(module, name, _never)
-    blocker = tmp_path / "a-file"
-    blocker.write_text("a regular file, not a folder\n")
-    return Place(tmp_path, tiny_archive, model_file, blocker)
-
-
-def _snapshot(root: Path) -> set[Path]:
-    return {path.relative_to(root) for path in root.rglob("*")}
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_line_and_leaves_no_output(name, place, monkeypatch, capsys):
-    built = CASES[name](place, monkeypatch)
-    kept_before = {path: path.read_bytes() for path in built.kept}
-    before = _snapshot(place.root)
-    assert run_cli(built.main, built.argv) == 2
-    monkeypatch.undo()  # before any assertion reads files with a patched write
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert built.expected in lines[0], lines[0]
-    assert ".tmp" not in lines[0] and "write-probe" not in lines[0], lines[0]
-    for path in built.absent:
-        assert not path.exists(), f"{path} was written"
-    for path, content in kept_before.items():
-        assert path.read_bytes() == content, f"{path} changed"
-    # Nothing else appeared either: no temporary file, probe or half-made folder.
-    assert _snapshot(place.root) == before
+    check_case(CASES[name](place, monkeypatch), place, monkeypatch, capsys)
 
 
 def test_enough_cases_across_entry_points_and_fault_classes():
@@ -494,8 +407,8 @@ def test_final_refuses_an_unwritable_out_before_loading_data_or_training(
     place, monkeypatch, capsys
 ):
     """The issue's case: a 5-fold ensemble must not train for hours, then fail to write."""
-    monkeypatch.setattr(final_stage, "load_clean_archive", _never)
-    monkeypatch.setattr(final_stage, "train_final", _never)
+    monkeypatch.setattr(final_stage, "load_clean_archive", never)
+    monkeypatch.setattr(final_stage, "train_final", never)
     out = place.blocker / "final"
     argv = ["--config", str(place.config("c.yaml")), "--folds", "5", "--out", str(out)]
     start = time.perf_counter()

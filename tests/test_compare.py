@@ -111,7 +111,10 @@ def test_a_failed_run_is_named_and_a_rerun_continues_it(
         (["--candidate", "x=nowhere.yaml"], "no config file 'nowhere.yaml'"),
         (["--candidate", "x=preset:nope"], "unknown preset 'nope'"),
         (["--candidate", "x=preset:reference", "--seeds", "1", "1"], "repeats a seed"),
-        (["--candidate", "x=preset:reference", "--val-fraction", "1"], "--val-fraction must"),
+        (
+            ["--candidate", "x=preset:reference", "--val-fraction", "1"],
+            "argument --val-fraction: must be a finite number > 0 and < 1, got 1.0",
+        ),
         (
             ["--candidate", "x=preset:reference", "--candidate", "x=preset:reference"],
             "names must differ",

@@ -188,7 +188,9 @@ def test_a_search_whose_trials_all_fail_exits_non_zero_naming_them(
     err = captured.err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: no trial of experiment bad reported a result; 1 errored: ")
-    assert "ConfigError: model.knobs.no_such_knob: unet has no such knob" in err
+    assert "TrainingError: loss is " in err and "at epoch 1, step " in err
+    assert "removed the experiment, so a rerun with its --name starts afresh" in err
+    assert not (tmp_path / "bad").exists()  # nothing left to resume the same failure from
     errored = [line for line in captured.out.splitlines() if line.startswith("errored: trial ")]
     [line] = errored
     assert line.split()[2].rstrip(":") in err

@@ -69,8 +69,11 @@ def test_settings_round_trip_and_name_bad_values(tmp_path):
     (tmp_path / "bad.yaml").write_text("num_sample: 3\n")
     with pytest.raises(ConfigError, match="unknown setting 'num_sample'"):
         SearchSettings.load(tmp_path / "bad.yaml")
-    with pytest.raises(ConfigError, match="--grace-period must be >= 1"):
+    with pytest.raises(ConfigError, match="--grace-period must be an integer >= 1, got 0"):
         SearchSettings(grace_period=0)
+    for bad in ({"reduction_factor": float("nan")}, {"time_budget": 0}, {"limit_images": -5}):
+        with pytest.raises(ConfigError, match=f"--{next(iter(bad)).replace('_', '-')} must be"):
+            SearchSettings(**bad)
 
 
 def test_differences_name_only_changed_settings():

@@ -9,12 +9,14 @@ from marsseg.data.outliers import OutlierReport, find_outliers, remove_outliers
 from marsseg.data.split import contains_class, kfold_plans, train_val_split
 from marsseg.data.stats import class_statistics, format_statistics
 from marsseg.data.synthetic import ensure_default_archive, generate, make_archive
+from marsseg.errors import DataError
 
 __all__ = [
     "MarsArchive",
     "OutlierReport",
     "archive_from_arrays",
     "class_statistics",
+    "clean_archive",
     "contains_class",
     "ensure_default_archive",
     "find_outliers",
@@ -32,6 +34,16 @@ __all__ = [
 
 def load_clean_archive(path: str | os.PathLike | None = None) -> tuple[MarsArchive, OutlierReport]:
     """Load and validate an archive (default: the synthetic one) and drop its outlier group."""
-    archive = load_archive(path if path is not None else ensure_default_archive())
+    return clean_archive(load_archive(path if path is not None else ensure_default_archive()))
+
+
+def clean_archive(archive: MarsArchive) -> tuple[MarsArchive, OutlierReport]:
+    """`archive` without its outlier group; a `DataError` when nothing would be left."""
     keep, report = remove_outliers(archive.masks)
+    if len(keep) == 0:
+        raise DataError(
+            f"{archive.source}: all {len(archive)} training images were removed as outliers "
+            f"(identical masks in group(s) of {list(report.group_sizes)}): nothing is left to "
+            "train on"
+        )
     return archive.subset(keep), report

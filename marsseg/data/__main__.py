@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from marsseg.classes import IMAGE_HEIGHT, IMAGE_WIDTH
-from marsseg.cli import command, program
+from marsseg.cli import COUNT, SEED, ArgumentParser, command, program
 from marsseg.data import (
     class_statistics,
+    clean_archive,
     ensure_default_archive,
     format_statistics,
     load_archive,
     make_archive,
-    remove_outliers,
 )
 from marsseg.data.figures import plot_class_distribution, plot_samples
 from marsseg.data.split import contains_class
@@ -31,7 +31,7 @@ from marsseg.fileio import check_output, check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=program("marsseg.data", "marsseg-data"), description=__doc__.splitlines()[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,23 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="folder for the PNGs (default: results/inspect/<archive name>)"
     )
     inspect.add_argument(
-        "--samples", type=int, default=12, help="images in the sample grid (default 12)"
+        "--samples", type=COUNT, default=12, help="images in the sample grid (default 12)"
     )
     inspect.add_argument(
         "--log", action="store_true", help="log scale for the class-distribution chart"
     )
-    inspect.add_argument("--seed", type=int, default=0, help="which samples are drawn (default 0)")
+    inspect.add_argument("--seed", type=SEED, default=0, help="which samples are drawn (default 0)")
 
     synth = commands.add_parser("synth", help="write a synthetic archive in the challenge's format")
     synth.add_argument("--out", type=Path, required=True, help="path of the .npz to write")
     synth.add_argument(
         "--n-train",
-        type=int,
+        type=COUNT,
         default=2615,
         help="training images, outliers included (default 2615)",
     )
-    synth.add_argument("--n-test", type=int, default=1000, help="test images (default 1000)")
-    synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    synth.add_argument("--n-test", type=COUNT, default=1000, help="test images (default 1000)")
+    synth.add_argument("--seed", type=SEED, default=0, help="generator seed (default 0)")
     return parser
 
 
@@ -86,9 +86,12 @@ def inspect(args: argparse.Namespace) -> None:
         else ", no test set"
     )
     print(f"archive: {path} ({len(archive)} training images{test})")
-    keep, report = remove_outliers(archive.masks)
+    clean, report = clean_archive(archive)
     print(report.summary())
-    clean = archive.subset(keep)
+    if args.samples > len(clean):
+        raise ConfigError(
+            f"--samples {args.samples}: the cleaned archive holds only {len(clean)} images"
+        )
     stats = class_statistics(clean.masks)
     print(f"\nclass statistics of the {len(clean)} cleaned training masks:")
     print(format_statistics(stats))
@@ -112,12 +115,6 @@ def inspect(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.command == "inspect" and args.samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    if args.command == "synth" and (args.n_train < 1 or args.n_test < 0):
-        raise ConfigError(
-            f"need --n-train >= 1 and --n-test >= 0, got {args.n_train}, {args.n_test}"
-        )
     if args.command == "inspect":
         inspect(args)
     else:

@@ -54,11 +54,25 @@ class MarsArchive:
         return MarsArchive(self.images[indices], self.masks[indices], self.test_images, self.source)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+"""How a .npy file starts (an .npz is a zip of them)."""
+
+
 def load_archive(path: str | os.PathLike) -> MarsArchive:
     """Read and validate an archive; raise `DataError` naming the first problem found."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an .npz archive")
     if not path.is_file():
         raise DataError(f"archive not found: {path}")
+    if not zipfile.is_zipfile(path):  # np.load would read a .npy or a text file as something else
+        with open(path, "rb") as handle:
+            single = handle.read(len(NPY_MAGIC)) == NPY_MAGIC
+        kind = "a single NumPy array (.npy)" if single else "not a NumPy .npz archive"
+        raise DataError(
+            f"{path} is {kind}: the data is an .npz archive holding '{TRAIN_KEY}' "
+            f"(and '{TEST_KEY}'), as np.savez writes it"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
@@ -99,7 +113,12 @@ def archive_from_arrays(
                 f"{source}: '{TEST_KEY}' must have shape (M, {IMAGE_SHAPE[0]}, {IMAGE_SHAPE[1]}), "
                 f"got {test_set.shape}"
             )
-        test_images = _checked_images(test_set, f"{source}: '{TEST_KEY}'")
+        # An empty test set is a valid archive to train on; predicting refuses it.
+        test_images = (
+            _checked_images(test_set, f"{source}: '{TEST_KEY}'")
+            if len(test_set)
+            else np.zeros((0, *IMAGE_SHAPE), dtype=np.float32)
+        )
     return MarsArchive(images, masks, test_images, source)
 
 
@@ -129,6 +148,8 @@ def _checked_images(raw: np.ndarray, what: str) -> np.ndarray:
     low, high = float(raw.min()), float(raw.max())
     if low < 0 or high > PIXEL_MAX:
         raise DataError(f"{what} must lie in 0-255, got values from {low:g} to {high:g}")
+    if high == 0:
+        raise DataError(f"{what} are all black (every pixel is 0): there is nothing to learn from")
     if high <= 1.0:
         raise DataError(
             f"{what} lie in 0-{high:g}: they look already scaled to [0, 1]; the archive format "

@@ -36,15 +36,23 @@ def train_val_split(
         n_val = round(val_fraction * len(stratum))
         val.append(stratum[:n_val])
         train.append(stratum[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    train_idx, val_idx = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise ConfigError(
+            f"val_fraction {val_fraction:g} of {len(masks)} images leaves {len(train_idx)} for "
+            f"training and {len(val_idx)} for validation; each needs at least one image"
+        )
+    return train_idx, val_idx
 
 
 def kfold_plans(
     masks: np.ndarray, k: int = 5, seed: int = 0
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """k sorted (train, validation) index pairs; the validation folds partition the data."""
-    if not 2 <= k <= len(masks):
-        raise ConfigError(f"folds must be in [2, {len(masks)}], got {k}")
+    if k < 2:
+        raise ConfigError(f"folds must be at least 2, got {k}")
+    if k > len(masks):
+        raise ConfigError(f"{k} folds need at least {k} images, and there are {len(masks)}")
     folds: list[list[np.ndarray]] = [[] for _ in range(k)]
     offset = 0
     for stratum in _strata(masks, seed):

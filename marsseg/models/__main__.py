@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from marsseg.classes import IMAGE_SHAPE
-from marsseg.cli import command, program
+from marsseg.cli import COUNT, ArgumentParser, command, program
 from marsseg.models import build_model, list_models
 
 
@@ -67,7 +67,7 @@ def table(names: Sequence[str], batch_size: int, repeats: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=program("marsseg.models", "marsseg-models"), description=__doc__.splitlines()[0]
     )
     parser.add_argument(
@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"architectures to profile (default: all of {', '.join(list_models())})",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="latency batch (default 32)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes (default 5)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--batch-size", type=COUNT, default=32, help="latency batch (default 32)")
+    parser.add_argument("--repeats", type=COUNT, default=5, help="timed passes (default 5)")
+    parser.add_argument("--threads", type=COUNT, help="torch CPU threads (default: torch's)")
     return parser
 
 

@@ -29,9 +29,18 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from marsseg.cli import add_cpus_flag, add_max_epochs_flag, command, program, torch_threads
+from marsseg.cli import (
+    SEED,
+    WORKERS,
+    ArgumentParser,
+    add_cpus_flag,
+    add_max_epochs_flag,
+    command,
+    program,
+    torch_threads,
+)
 from marsseg.config import PRESETS, TrainConfig, preset
-from marsseg.data import load_clean_archive
+from marsseg.data import load_clean_archive, train_val_split
 from marsseg.data.synthetic import default_archive_path
 from marsseg.device import resolve_device
 from marsseg.errors import CheckpointError, ConfigError
@@ -56,7 +65,7 @@ RUN_FILES = (CONFIG, METRICS, CHECKPOINT, PREVIOUS_CHECKPOINT, MODEL)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=program("marsseg.train", "marsseg-train"), description=__doc__.splitlines()[0]
     )
     source = parser.add_mutually_exclusive_group()
@@ -84,12 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         "override max_epochs; on a rerun, more than the run's extend it, even once finished "
         "(default: the config's, or the run's own on a rerun)",
     )
-    parser.add_argument("--seed", type=int, help="override the seed")
+    parser.add_argument("--seed", type=SEED, help="override the seed")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add_cpus_flag(parser, "CPU threads for torch (default: torch's)")
     parser.add_argument(
         "--workers",
-        type=int,
+        type=WORKERS,
         default=0,
         help="DataLoader workers for online augmentation (default: 0)",
     )
@@ -200,15 +209,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no --data: using the synthetic archive {default_archive_path()}")
     archive, report = load_clean_archive(args.data)
     print(report.summary())
+    if config.val_fraction > 0:  # a split that leaves a side empty is refused before training
+        train_val_split(archive.masks, config.val_fraction, config.seed)
     if args.fresh and (aside := move_aside(out)):
         print(f"--fresh: moved the previous run's files to {aside}")
     if resume:
         # fit falls back past an unreadable file, saying so
         print(f"resuming from {resume[0]}")
-    config.save(out / CONFIG)  # a longer max_epochs is the run's from now on
     print(f"training {config.model.name} for up to {config.max_epochs} epochs -> {out}")
 
-    bar = tqdm(total=config.max_epochs, unit="epoch", dynamic_ncols=True)
+    # On a terminal only: in a log the epoch lines say the same, and a failed run's one error
+    # line is not buried in a bar's redraws.
+    bar = tqdm(total=config.max_epochs, unit="epoch", dynamic_ncols=True, disable=None)
 
     def on_epoch(metrics: dict[str, Any], state: EpochState) -> None:
         bar.update(metrics["epoch"] - bar.n)
@@ -216,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             loss=f"{metrics['train_loss']:.4f}", miou=f"{metrics.get('val_miou', 0):.4f}"
         )
         bar.write(epoch_line(metrics, config.max_epochs))
+        if not checkpoints.saved:  # written with the first epoch: a failed start makes nothing
+            config.save(out / CONFIG)  # a longer max_epochs is the run's from now on
         pd.DataFrame(state.history).to_csv(out / METRICS, index=False)
         checkpoints.save(state)
 

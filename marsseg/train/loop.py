@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.device import memory_format_for, resolve_device
+from marsseg.errors import TrainingError
 from marsseg.losses import CombinedLoss
 from marsseg.metrics import ConfusionMeter, Scores, decode
 from marsseg.precision import autocast, autocast_dtype_for
@@ -244,6 +245,7 @@ def train_epoch(
             loss = loss + auxiliary(criterion, masks, dist_maps=dist, epoch=epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        check_finite_step(model, optimizer, loss, epoch, steps)
         optimizer.step()
         if after_step is not None:
             after_step()
@@ -251,6 +253,32 @@ def train_epoch(
         seen += len(images)
         steps += 1
     return float(total) / max(steps, 1), seen, wait
+
+
+def check_finite_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, epoch: int, step: int
+) -> None:
+    """Stop the run (`TrainingError`, one line) when a step's loss or gradients are NaN or
+    infinite, before the optimiser applies them: the weights would follow, and a run that goes on
+    reports scores of garbage and saves a model of NaNs. One device sync per step."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = _total_norm(grads) if grads else torch.zeros_like(loss)
+    values = torch.stack([loss.detach().float(), norm.float().to(loss.device)]).tolist()
+    for what, value in zip(("loss", "gradient norm"), values, strict=True):
+        if not math.isfinite(value):
+            lr = optimizer.param_groups[0]["lr"]
+            raise TrainingError(
+                f"{what} is {value} at epoch {epoch + 1}, step {step + 1}: lower optim.lr "
+                f"(now {lr:.3g}) or check the data and the loss weights; no model was kept"
+            )
+
+
+def _total_norm(tensors: list[Tensor]) -> Tensor:
+    """The 2-norm of all `tensors` together (torch >= 2.6 has it as `get_total_norm`)."""
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is not None:
+        return total_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
 @torch.no_grad()
