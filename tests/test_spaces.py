@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import optuna
 import pytest
+from optuna.distributions import distribution_to_json
 
 from marsseg.config import preset
 from marsseg.errors import ConfigError
@@ -118,3 +123,62 @@ def test_marsseg_budget_bounds_the_images_an_epoch_holds():
     assert {c.ema_decay > 0 for c in configs} == {False, True}
     assert {c.loss.lovasz_weight > 0 for c in configs} == {False, True}
     assert {c.augment.photometric for c in configs} == {False, True}
+
+
+# --- the spaces as a running search recorded them ------------------------------------------------
+
+REPLAYS = Path(__file__).with_name("space_replays.json")
+"""What `replay` recorded of every space when the file was written. A search resumed with other
+code must be offered the parameters it was started with: the same names, distributions, order
+and conditions (Optuna refuses or mis-samples a resumed study whose space changed). Rewrite it
+(`python tests/test_spaces.py`) only for a deliberate change of a space, which breaks resuming
+the searches that use it."""
+REPLAY_TRIALS = 60
+
+
+def replay(name: str, trials: int = REPLAY_TRIALS, seed: int = 0) -> dict[str, Any]:
+    """What Optuna records of `trials` trials of space `name` under a seeded RandomSampler: each
+    parameter's distribution, the order in which each trial asked for its parameters (indices
+    into the sorted names), the constants the space returned and its starting points."""
+    space = get_space(name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    constants = []
+    for _ in range(trials):
+        trial = study.ask()
+        returned = space.space(trial) or {}
+        if returned not in constants:
+            constants.append(returned)
+        study.tell(trial, 0.0)
+    distributions = {}
+    for frozen in study.trials:
+        for param, dist in frozen.distributions.items():
+            distributions[param] = distribution_to_json(dist)
+    names = sorted(distributions)
+    asked = [" ".join(str(names.index(p)) for p in t.distributions) for t in study.trials]
+    record = {
+        "distributions": {param: distributions[param] for param in names},
+        "asked": asked,
+        "constants": constants,
+        "points_to_evaluate": space.points_to_evaluate,
+    }
+    return json.loads(json.dumps(record))  # tuples as lists, as the file holds them
+
+
+def distributions(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's distributions as Optuna compares them, whatever the layout of its JSON."""
+    return {name: json.loads(text) for name, text in record["distributions"].items()}
+
+
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_every_space_asks_what_it_asked_when_its_searches_started(name):
+    recorded = json.loads(REPLAYS.read_text())[name]
+    now = replay(name)
+    assert distributions(now) == distributions(recorded)
+    assert now["asked"] == recorded["asked"]
+    assert now["constants"] == recorded["constants"]
+    assert now["points_to_evaluate"] == recorded["points_to_evaluate"]
+
+
+if __name__ == "__main__":
+    REPLAYS.write_text(json.dumps({name: replay(name) for name in SPACE_NAMES}, indent=1) + "\n")
+    print(f"wrote {REPLAYS}")
