@@ -28,7 +28,7 @@ from tqdm import tqdm
 from marsseg.cli import add_cpus_flag, torch_threads
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
-from marsseg.errors import MarsSegError
+from marsseg.errors import MarsSegError, kind_and_first_line
 from marsseg.train import EpochState, fit, prepare_data
 from marsseg.train.keys import EPOCH, EPOCH_TIME_S, SCORE_KEYS
 from marsseg.train.loop import OnEpoch
@@ -296,20 +296,12 @@ def as_completed(
             try:
                 (result, label, last_epoch), reason = ray.get(done[0]), None
             except ray.exceptions.RayError as err:
-                result, reason = None, failure_reason(err)
+                result, reason = None, kind_and_first_line(err)
             else:
                 if lines is not None:
                     lines.wait_for(label, last_epoch)
             yield key, result, reason
             bar.update()
-
-
-def failure_reason(err: BaseException) -> str:
-    """`ValueError: first line of its message`: the exception the task raised, not Ray's wrapper."""
-    cause = getattr(err, "cause", None)
-    shown = cause if isinstance(cause, BaseException) else err
-    lines = str(shown).strip().splitlines()
-    return f"{type(shown).__name__}: {lines[0]}" if lines else type(shown).__name__
 
 
 @dataclass
