@@ -74,13 +74,12 @@ from marsseg.submission import submission_bytes
 from marsseg.train import fit, prepare_data, resolve_device
 from marsseg.train.loop import OnEpoch
 from marsseg.train.progress import print_epochs
+from search.capacity import start_ray
 from search.runstore import RunStore
 from search.tasks import (
     Failures,
     Run,
     add_resource_flags,
-    start_ray,
-    task_cpus,
     train_runs,
 )
 
@@ -522,10 +521,9 @@ def train_final(config: TrainConfig, archive: MarsArchive, settings: FinalSettin
     device = resolve_device(settings.device)
     tasks: dict[str, Any] = {}
     if settings.folds or settings.rerank:
-        cpus = task_cpus(settings.cpus)
-        gpus = start_ray(settings.address, cpus, settings.gpus)
-        tasks = {"cpus": cpus, "gpus": gpus, "workers": settings.workers}
-        print(f"training runs as Ray tasks, {cpus:g} CPU + {gpus:g} GPU each")
+        started = start_ray(settings.address, settings.cpus, settings.gpus)
+        tasks = {"cpus": started.cpus, "gpus": started.gpus, "workers": settings.workers}
+        print(f"training runs as Ray tasks, {started.cpus:g} CPU + {started.gpus:g} GPU each")
     if settings.rerank:
         config = rerank(
             settings.config_path,

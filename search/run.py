@@ -37,13 +37,7 @@ from marsseg.errors import ConfigError, SearchError
 from marsseg.fileio import check_writable
 from marsseg.predict import check_target
 from marsseg.yamlfile import read_yaml_mapping
-from search.capacity import (
-    AUTOSCALER_CONFIG,
-    capacity,
-    check_trial_resources,
-    concurrent_trials,
-    connect,
-)
+from search.capacity import concurrent_trials, start_ray
 from search.experiment import (
     BEST_CONFIG,
     DEFAULT_STORAGE,
@@ -85,7 +79,7 @@ SHOWN_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "oversample", "epoc
 RUN_DEFAULTS: dict[str, Any] = {
     "settings": None,
     "train_config": None,
-    "cpus_per_trial": 1.0,
+    "cpus_per_trial": None,
     "gpus_per_trial": None,
     "address": None,
     "storage": DEFAULT_STORAGE,
@@ -186,7 +180,7 @@ def _resource_flags(parser: argparse.ArgumentParser) -> None:
     _flag(
         parser, "--gpus-per-trial", "GPUs per trial; 0.25 packs 4 (default: 1 if any)", type=float
     )
-    _flag(parser, "--cpus-per-trial", "CPUs per trial (torch threads)", type=float)
+    _flag(parser, "--cpus-per-trial", "CPUs per trial, its torch threads (default: 1)", type=float)
     _flag(parser, "--address", "Ray address: 'auto' joins a cluster from `ray up` (default: local)")
     _flag(
         parser,
@@ -314,13 +308,9 @@ def plan_resources(
 ) -> tuple[TrialResources, int]:
     """Each trial's resources on the cluster joined, and how many trials run at once; refuses
     what cannot run (a trial bigger than any node, a packing that does not fit)."""
-    requested = TrialResources(args.cpus_per_trial, args.gpus_per_trial or 0, args.checkpoint_every)
-    connect(args.address)
-    # Only a cluster joined by address can have an autoscaler; a fresh local Ray never grows.
-    cap = capacity(AUTOSCALER_CONFIG if args.address else None)
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cap.gpus else 0.0)
-    resources = dataclasses.replace(requested, gpus=gpus)
-    check_trial_resources(cap, resources.cpus, gpus)
+    started = start_ray(args.address, args.cpus_per_trial, args.gpus_per_trial)
+    resources = TrialResources(started.cpus, started.gpus, args.checkpoint_every)
+    cap, gpus = started.capacity, started.gpus
     check_shared_storage(storage, cap)
     # Trials sharing a GPU: measure the heaviest on one and refuse a packing that cannot fit.
     check_gpu_packing(base, images, gpus)
@@ -409,7 +399,7 @@ def final_settings(args: argparse.Namespace, given: dict[str, Any], name: str) -
         folds=args.final_folds,
         max_epochs=args.final_max_epochs,
         force=args.force,
-        cpus=given.get("cpus_per_trial"),
+        cpus=args.cpus_per_trial,
         gpus=args.gpus_per_trial,
         address=args.address,
         command=f"python -m search.run {' '.join(sys.argv[1:])}",
