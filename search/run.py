@@ -54,6 +54,7 @@ from search.experiment import (
 )
 from search.export import export
 from search.final import FinalSettings, train_final
+from search.final import parse_args as final_args
 from search.lock import DriverLock
 from search.packing import check_gpu_packing
 from search.results import (
@@ -331,14 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--resume needs --name of the experiment to continue")
     name = args.name or f"{settings.space}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.final:
-        check_final_outputs(final_settings(args, given, name))
+        check_final_outputs(final_settings(args, name))
     storage = check_storage(args.storage)
     # Held until the search (and --final) ends: a second driver on `name` is refused.
     with DriverLock(driver_folder(storage, name) / LOCK_FILE, name, args.break_lock):
         experiment, results = run_search(args, given, settings, storage, name)
         report(results, experiment)
         if args.final:
-            run_final(args, given, experiment)
+            run_final(args, experiment)
     return 0
 
 
@@ -388,22 +389,30 @@ def fit_new(
     return results
 
 
-def final_settings(args: argparse.Namespace, given: dict[str, Any], name: str) -> FinalSettings:
-    """How `--final` trains and where it writes (checked before the search starts). The folds
-    get a trial's CPUs; this process keeps torch's own threads unless `--cpus-per-trial` was
-    given, as in `search.final`."""
+FINAL_FLAGS = {
+    "final_folds": "--folds",
+    "final_max_epochs": "--max-epochs",
+    "cpus_per_trial": "--cpus-per-trial",
+    "gpus_per_trial": "--gpus-per-trial",
+    "address": "--address",
+}
+"""The flags `--final` hands on to `search.final`, by the name this run gives them."""
+
+
+def final_settings(args: argparse.Namespace, name: str) -> FinalSettings:
+    """How `--final` trains and where it writes (checked before the search starts): what
+    `search.final` makes of the flags handed on to it (`FINAL_FLAGS`, `--force`), so the two
+    read them alike; the config and output folder are the experiment's. The folds get a
+    trial's CPUs and GPUs; this process keeps torch's own threads unless `--cpus-per-trial` was
+    given."""
     out = results_folder(name)
-    return FinalSettings(
-        out=out / "final",
-        config_path=out / BEST_CONFIG,
-        folds=args.final_folds,
-        max_epochs=args.final_max_epochs,
-        force=args.force,
-        cpus=args.cpus_per_trial,
-        gpus=args.gpus_per_trial,
-        address=args.address,
-        command=f"python -m search.run {' '.join(sys.argv[1:])}",
-    )
+    argv = [f"--config={out / BEST_CONFIG}", f"--out={out / 'final'}"]
+    for dest, flag in FINAL_FLAGS.items():
+        if getattr(args, dest) is not None:
+            argv.append(f"{flag}={getattr(args, dest)}")
+    argv += ["--force"] if args.force else []
+    command = f"python -m search.run {' '.join(sys.argv[1:])}"
+    return FinalSettings.from_args(final_args(argv), command)
 
 
 def check_final_outputs(settings: FinalSettings) -> None:
@@ -413,11 +422,11 @@ def check_final_outputs(settings: FinalSettings) -> None:
     check_writable(settings.out)
 
 
-def run_final(args: argparse.Namespace, given: dict[str, Any], experiment: Experiment) -> None:
+def run_final(args: argparse.Namespace, experiment: Experiment) -> None:
     """search -> export -> final in one go: the best config of `--final-arch`, retrained on
     the whole cleaned archive (not `--limit-images`' share), its folds as Ray tasks on the
     search's own Ray with a trial's resources each."""
-    settings = final_settings(args, given, experiment.name)
+    settings = final_settings(args, experiment.name)
     export(experiment, top_k=5, arch=args.final_arch, out=experiment.results)
     archive, _ = load_clean_archive(args.data or experiment.settings.data)
     train_final(TrainConfig.load(settings.config_path), archive, settings)
