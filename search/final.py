@@ -33,8 +33,8 @@ member's weights, the config and the offsets) and `report.md` with its PNGs.
 
 A config exported from a search records the checksum of the cleaned archive it was searched on;
 other data is refused before any training (`--any-data` trains it anyway). The command only
-parses: `train_final(config, archive, FinalSettings(...))` does the work, for `search.run --final`
-as well.
+parses: `train_final(config, archive, FinalSettings.from_args(...))` does the work, for
+`search.run --final` as well (it hands its flags on to this parser).
 """
 
 from __future__ import annotations
@@ -433,7 +433,8 @@ class FinalSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, command: str = "") -> FinalSettings:
-        """The settings `parse_args` describes (the output folder defaults by the config's name)."""
+        """The settings `parse_args` describes (the output folder defaults by the config's name):
+        the one way they are built, also by `search.run --final`."""
         return cls(
             out=args.out or Path("results") / "final" / args.config.stem,
             config_path=args.config,
