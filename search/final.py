@@ -53,16 +53,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from marsseg.calibrate import Calibration, apply_offsets, fit_offsets, format_offsets
+from marsseg.calibrate import Calibration, fit_offsets, format_offsets
 from marsseg.classes import CLASS_NAMES, NUM_CLASSES, SCORED_CLASSES
 from marsseg.cli import add_decoding_flags, add_max_epochs_flag, command, program, torch_threads
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive, kfold_plans, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError, DataError
 from marsseg.fileio import check_output, check_writable
-from marsseg.metrics import Scores, decode, score_masks
+from marsseg.metrics import Scores, decode_probabilities, score_masks
 from marsseg.predict import (
-    BATCH,
     check_target,
     predict_probabilities,
     predict_submission,
@@ -254,19 +253,6 @@ def train_fold(
         "history": result.history,
         "best_epoch": result.best_epoch,
     }
-
-
-def decode_probabilities(
-    probs: np.ndarray, *, metric_aware: bool, offsets: np.ndarray | None = None
-) -> np.ndarray:
-    """Labels (N, H, W) uint8 of probabilities (N, 5, H, W), a batch at a time, decoded as the
-    submission is (`offsets` added to the log-probabilities first)."""
-    out = np.empty((len(probs), *probs.shape[2:]), dtype=np.uint8)
-    for start in range(0, len(probs), BATCH):
-        chunk = torch.from_numpy(probs[start : start + BATCH].astype(np.float32))
-        scores = chunk if offsets is None else apply_offsets(chunk, offsets)
-        out[start : start + len(chunk)] = decode(scores, metric_aware=metric_aware).numpy()
-    return out
 
 
 def train_folds(
