@@ -18,17 +18,22 @@ from spaces import SPACE_NAMES, get_space, params_to_config
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def sample(space_name: str, n: int, seed: int = 0) -> list[dict]:
-    """Parameters (plus the space's constants) of n trials drawn at random from a space."""
+def run_space(space_name: str, n: int, seed: int = 0) -> tuple[optuna.Study, list[dict]]:
+    """A study of n trials drawn at random from a space, and the constants each one returned."""
     space = get_space(space_name)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    drawn = []
+    constants = []
     for _ in range(n):
         trial = study.ask()
-        constants = space.space(trial) or {}
-        drawn.append({**trial.params, **constants})
+        constants.append(space.space(trial) or {})
         study.tell(trial, 0.0)
-    return drawn
+    return study, constants
+
+
+def sample(space_name: str, n: int, seed: int = 0) -> list[dict]:
+    """Parameters (plus the space's constants) of n trials drawn at random from a space."""
+    study, constants = run_space(space_name, n, seed)
+    return [{**t.params, **c} for t, c in zip(study.trials, constants, strict=True)]
 
 
 NARROW_SPACES = ("marsseg_small", "marsseg_budget")
@@ -140,15 +145,8 @@ def replay(name: str, trials: int = REPLAY_TRIALS, seed: int = 0) -> dict[str, A
     """What Optuna records of `trials` trials of space `name` under a seeded RandomSampler: each
     parameter's distribution, the order in which each trial asked for its parameters (indices
     into the sorted names), the constants the space returned and its starting points."""
-    space = get_space(name)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    constants = []
-    for _ in range(trials):
-        trial = study.ask()
-        returned = space.space(trial) or {}
-        if returned not in constants:
-            constants.append(returned)
-        study.tell(trial, 0.0)
+    study, returned = run_space(name, trials, seed)
+    constants = [c for i, c in enumerate(returned) if c not in returned[:i]]
     distributions = {}
     for frozen in study.trials:
         for param, dist in frozen.distributions.items():
@@ -159,7 +157,7 @@ def replay(name: str, trials: int = REPLAY_TRIALS, seed: int = 0) -> dict[str, A
         "distributions": {param: distributions[param] for param in names},
         "asked": asked,
         "constants": constants,
-        "points_to_evaluate": space.points_to_evaluate,
+        "points_to_evaluate": get_space(name).points_to_evaluate,
     }
     return json.loads(json.dumps(record))  # tuples as lists, as the file holds them
 
