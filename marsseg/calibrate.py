@@ -20,7 +20,13 @@ import numpy as np
 import torch
 
 from marsseg.classes import BACKGROUND, CLASS_NAMES, NUM_CLASSES
-from marsseg.metrics import Scores, as_offsets, confusion_matrix, scores_from_confusion
+from marsseg.metrics import (
+    DECODE_IMAGES,
+    Scores,
+    decode_probabilities,
+    score_masks,
+    scores_from_confusion,
+)
 
 ANCHOR = 1
 """Soil: its offset stays 0 and fixes the constant the argmax over classes 1-4 cannot see."""
@@ -28,8 +34,6 @@ DEFAULT_GRID = tuple(np.round(np.linspace(-2.0, 3.0, 101), 6).tolist())
 """Candidate log-offsets, -2 to +3 in steps of 0.05: one pass scores all of them (`fit_offsets`)."""
 TOLERANCE = 1e-6
 """A move must raise mean IoU by more than this: ties and float noise leave the offset alone."""
-_CHUNK = 256
-"""Images converted at a time, so float16 input never exists in float32 all at once."""
 
 
 @dataclass(frozen=True)
@@ -50,18 +54,6 @@ class Calibration:
         return self.after.mean_iou - self.before.mean_iou
 
 
-def apply_offsets(probs: torch.Tensor, offsets: Sequence[float] | np.ndarray) -> torch.Tensor:
-    """Scores log(probs) + offsets (float32), offsets broadcast over classes of (B, 5, H, W).
-
-    Probabilities are floored at the smallest normal float32, so a zero stays finite and its
-    offset still orders it: the argmax sees no -inf ties.
-    """
-    if probs.ndim != 4 or probs.shape[1] != NUM_CLASSES:
-        raise ValueError(f"probs must be (B, {NUM_CLASSES}, H, W), got {tuple(probs.shape)}")
-    logp = probs.float().clamp_min(torch.finfo(torch.float32).tiny).log()
-    return logp + as_offsets(offsets, logp)
-
-
 def fit_offsets(
     probs: np.ndarray | torch.Tensor,
     masks: np.ndarray | torch.Tensor,
@@ -78,15 +70,16 @@ def fit_offsets(
     values of one class are scored in one pass: with the other offsets fixed, a pixel becomes
     that class exactly when the offset exceeds a per-pixel threshold, so one bincount of
     (threshold bin, truth, runner-up) gives every candidate's confusion matrix. The best move is
-    then re-scored with the real decoding and `marsseg.metrics`, and kept only if that raises mean
-    IoU by more than `TOLERANCE`; a class is looked at again only after another one moved.
+    then re-scored with the submission's decoding (`metrics.decode_probabilities`), and kept only
+    if that raises mean IoU by more than `TOLERANCE`; a class is looked at again only after
+    another one moved.
     """
     values = _check_grid(grid)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     logp, target = _scored_pixels(probs, masks)
     offsets = np.zeros(NUM_CLASSES, dtype=np.float64)
-    before = current = _score(logp, target, offsets)
+    before = current = _score(probs, masks, offsets)
     free = [c for c in range(BACKGROUND + 1, NUM_CLASSES) if c != ANCHOR]
     stale = set(free)  # classes whose best offset may have changed since they were last fitted
     for _ in range(rounds):
@@ -99,7 +92,7 @@ def fit_offsets(
                 continue
             trial = offsets.copy()
             trial[c] = candidate
-            scores = _score(logp, target, trial)
+            scores = _score(probs, masks, trial)
             if scores.mean_iou > current.mean_iou + TOLERANCE:
                 offsets, current = trial, scores
                 stale.update(k for k in free if k != c)
@@ -143,11 +136,11 @@ def _scored_pixels(
     logp = torch.empty(NUM_CLASSES - 1, total, dtype=torch.float32)
     target = torch.empty(total, dtype=torch.int64)
     at = 0
-    for start in range(0, len(probs), _CHUNK):
-        p = probs[start : start + _CHUNK]
+    for start in range(0, len(probs), DECODE_IMAGES):
+        p = probs[start : start + DECODE_IMAGES]
         if not (torch.isfinite(p).all() and (p >= 0).all()):
             raise ValueError("probs hold NaN, infinite or negative values")
-        m = masks[start : start + _CHUNK].reshape(-1)
+        m = masks[start : start + DECODE_IMAGES].reshape(-1)
         keep = m != BACKGROUND
         n = int(keep.sum())
         target[at : at + n] = m[keep]
@@ -183,10 +176,11 @@ def _argmax(
     return best, label
 
 
-def _score(logp: torch.Tensor, target: torch.Tensor, offsets: np.ndarray) -> Scores:
-    """Scores of metric-aware decoding with `offsets`, by the challenge's own metric code."""
-    _, pred = _argmax(logp, offsets, range(BACKGROUND + 1, NUM_CLASSES))
-    return scores_from_confusion(confusion_matrix(pred, target))
+def _score(
+    probs: np.ndarray | torch.Tensor, masks: np.ndarray | torch.Tensor, offsets: np.ndarray
+) -> Scores:
+    """Scores of the submission's decoding with `offsets`, by the challenge's own metric code."""
+    return score_masks(decode_probabilities(probs, offsets=offsets), masks)
 
 
 def _best_on_grid(

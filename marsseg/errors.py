@@ -40,6 +40,16 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def kind_and_first_line(err: BaseException) -> str:
+    """`ValueError: first line`: the kind and `first_line` of the exception `err` carries as its
+    `cause` (Ray's task and trial errors wrap the one raised in the worker that way), or of `err`
+    itself: what a one-line message names a failed run by."""
+    cause = getattr(err, "cause", None)
+    shown = cause if isinstance(cause, BaseException) else err
+    kind = type(shown).__name__
+    return f"{kind}: {first_line(shown)}" if str(shown).strip() else kind
+
+
 class TrainingError(MarsSegError):
     """A run that cannot go on: its loss or gradients became NaN or infinite. Raised at the step
     it happened, before the optimiser applies it, so no model of non-finite weights is kept."""

@@ -13,6 +13,12 @@ with `metric_aware=True` (argmax over classes 1-4 only) removes that term.
 
 Accumulation stays in torch on the predictions' device, so validation on a GPU never copies
 full logits to the CPU: only the 5x5 matrix is ever read back.
+
+Labels come from one rule, `decode`: validation applies it to logits, and every probability
+(the submission's, the out-of-fold scores, the calibration's scores) reaches it through
+`decode_probabilities`, so the score a run reports is the score of what it submits. Offsets
+(`marsseg.calibrate`) are added to log-probabilities; none, or all zero, decode the
+probabilities themselves.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ def decode(
 
     `offsets` (5,) are added per class before the argmax (see `marsseg.calibrate`). Logits and
     log-probabilities differ by a per-pixel constant, so either may be passed with them, but
-    never probabilities: turn those into scores with `calibrate.apply_offsets` instead.
+    never probabilities: `decode_probabilities` decodes those.
     """
     if offsets is not None:
         logits = logits + as_offsets(offsets, logits)
@@ -50,16 +56,72 @@ def decode(
     return logits[:, BACKGROUND + 1 :].argmax(dim=1) + (BACKGROUND + 1)
 
 
+DECODE_IMAGES = 256
+"""Images of probabilities converted (to float32, on their device) at a time: float16
+out-of-fold probabilities of a whole training set never exist in float32 all at once."""
+
+
 def as_offsets(
     offsets: Sequence[float] | np.ndarray | torch.Tensor, like: torch.Tensor
 ) -> torch.Tensor:
     """Per-class offsets shaped (1, 5, 1, 1) to broadcast over `like`'s (B, 5, H, W) scores."""
-    values = torch.as_tensor(offsets, dtype=like.dtype, device=like.device)
+    values = _offset_values(offsets, like.dtype, like.device)
+    return values.reshape(1, NUM_CLASSES, *([1] * (like.ndim - 2)))
+
+
+def _offset_values(
+    offsets: Sequence[float] | np.ndarray | torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    values = torch.as_tensor(offsets, dtype=dtype, device=device)
     if values.shape != (NUM_CLASSES,):
         raise ValueError(f"offsets must have shape ({NUM_CLASSES},), got {tuple(values.shape)}")
     if not torch.isfinite(values).all():
         raise ValueError("offsets must be finite")
-    return values.reshape(1, NUM_CLASSES, *([1] * (like.ndim - 2)))
+    return values
+
+
+def decoding_offsets(offsets: Sequence[float] | np.ndarray | None) -> np.ndarray | None:
+    """`offsets` as (5,) float64 checked, or None for plain decoding: none given, or all 0."""
+    if offsets is None:
+        return None
+    values = _offset_values(offsets).numpy()
+    return values if values.any() else None
+
+
+def apply_offsets(probs: torch.Tensor, offsets: Sequence[float] | np.ndarray) -> torch.Tensor:
+    """Scores log(probs) + offsets (float32), offsets broadcast over classes of (B, 5, H, W).
+
+    Probabilities are floored at the smallest normal float32, so a zero stays finite and its
+    offset still orders it: the argmax sees no -inf ties.
+    """
+    if probs.ndim != 4 or probs.shape[1] != NUM_CLASSES:
+        raise ValueError(f"probs must be (B, {NUM_CLASSES}, H, W), got {tuple(probs.shape)}")
+    logp = probs.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    return logp + as_offsets(offsets, logp)
+
+
+def decode_probabilities(
+    probs: np.ndarray | torch.Tensor,
+    *,
+    metric_aware: bool = True,
+    offsets: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Labels (N, H, W) uint8 of probabilities (N, 5, H, W): how every probability becomes a
+    label (the submission, out-of-fold scores, calibration).
+
+    NumPy or torch, any float dtype, on any device; `DECODE_IMAGES` images are converted to
+    float32 and decoded at a time. With `offsets` (see `decoding_offsets`) the argmax runs over
+    log-probabilities plus offsets (`apply_offsets`), else over the probabilities themselves.
+    """
+    offsets = decoding_offsets(offsets)
+    out = np.empty((len(probs), *probs.shape[2:]), dtype=np.uint8)
+    for start in range(0, len(probs), DECODE_IMAGES):
+        chunk = torch.as_tensor(probs[start : start + DECODE_IMAGES]).float()
+        scores = chunk if offsets is None else apply_offsets(chunk, offsets)
+        out[start : start + len(chunk)] = decode(scores, metric_aware=metric_aware).cpu().numpy()
+    return out
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

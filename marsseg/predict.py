@@ -21,14 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from marsseg.calibrate import apply_offsets
 from marsseg.classes import NUM_CLASSES
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.device import memory_format_for, resolve_device
 from marsseg.errors import ConfigError, DataError, first_line
 from marsseg.fileio import atomic_path
-from marsseg.metrics import decode
+from marsseg.metrics import decode_probabilities, decoding_offsets
 from marsseg.precision import autocast
 from marsseg.submission import write_submission
 
@@ -109,22 +108,16 @@ def predict_masks(
 ) -> np.ndarray:
     """Labels (N, H, W) uint8 for images (N, H, W) in [0, 1], in order.
 
-    `offsets` (5,) from `calibrate.fit_offsets` are added to the log of the averaged
-    probabilities before the argmax; None or all zeros decode the probabilities as they are.
+    The averaged probabilities go through `metrics.decode_probabilities` with `offsets` (5,)
+    from `calibrate.fit_offsets`: added to their logarithms, or, None or all zeros, none.
     """
-    if offsets is not None:
-        offsets = np.asarray(offsets, dtype=np.float64)
-        if offsets.shape != (NUM_CLASSES,):
-            raise ValueError(f"offsets must have shape ({NUM_CLASSES},), got {offsets.shape}")
-        if not offsets.any():
-            offsets = None
+    offsets = decoding_offsets(offsets)  # refused before any prediction
     out = np.empty(images.shape, dtype=np.uint8)
     windows = predict_probabilities(
         models, images, device, tta=tta, autocast_dtype=autocast_dtype, batch_size=batch_size
     )
     for window, probs in windows:
-        scores = probs if offsets is None else apply_offsets(probs, offsets)
-        out[window] = decode(scores, metric_aware=metric_aware).cpu().numpy()
+        out[window] = decode_probabilities(probs, metric_aware=metric_aware, offsets=offsets)
     return out
 
 

@@ -1,5 +1,9 @@
 """Connecting to Ray and what the cluster can run: nodes, CPUs and GPUs, autoscaler included.
 
+`start_ray` is how every stage that runs on Ray starts: the search's trials (`search.run`) and
+the training tasks of `search.final` and `search.compare` get their CPUs and GPUs by the same
+rules (1 CPU, and 1 GPU when the cluster has any, unless asked otherwise) and the same checks.
+
 A cluster from `ray up cluster.yaml` starts with no GPU worker (`min_workers: 0`); judged by its
 live nodes alone, a GPU search would be refused and run one trial at a time. So capacity counts
 what the autoscaler may still add, and a trial that fits on no node is refused before it starts
@@ -18,13 +22,15 @@ import ray
 import yaml
 
 from marsseg.cli import handle_sigterm
-from marsseg.errors import SearchError, first_line
+from marsseg.errors import ConfigError, SearchError, first_line
 
 AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")
 """Where `ray up` leaves the cluster config on the head node (Ray Tune looks for the same file
 to tell an autoscaling cluster); a search started there reads the worker types from it."""
 HEAD_RESOURCE = "node:__internal_head__"
 """The resource Ray puts on the head node only."""
+RUN_CPUS = 1.0
+"""CPUs of each trial or task when `--cpus-per-trial` is not given."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,32 @@ class Capacity:
             f"{self.nodes} node(s) now, up to {self.max_nodes} as the autoscaler adds workers "
             f"({totals} then)"
         )
+
+
+@dataclass(frozen=True)
+class Started:
+    """The Ray `start_ray` joined: its capacity, and the CPUs and GPUs each run asks for."""
+
+    capacity: Capacity
+    cpus: float
+    gpus: float
+
+
+def start_ray(address: str | None, cpus: float | None, gpus: float | None) -> Started:
+    """Connect to Ray (`connect`), read what it can run and settle each trial's or task's
+    resources: `cpus` (`RUN_CPUS` when None) and `gpus` (1 when None and the cluster has any,
+    counting those its autoscaler may add); refuse resources no node can give, before Ray would
+    leave the run pending forever.
+    """
+    cpus = RUN_CPUS if cpus is None else cpus
+    if cpus <= 0 or (gpus or 0) < 0:
+        raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    connect(address)
+    # Only a cluster joined by address can have an autoscaler; a fresh local Ray never grows.
+    cap = capacity(AUTOSCALER_CONFIG if address else None)
+    gpus = gpus if gpus is not None else (1.0 if cap.gpus else 0.0)
+    check_trial_resources(cap, cpus, gpus)
+    return Started(cap, cpus, gpus)
 
 
 def connect(address: str | None) -> None:

@@ -43,14 +43,13 @@ from marsseg.data import MarsArchive, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError
 from marsseg.fileio import atomic_path, check_writable
 from marsseg.train.keys import IOU_KEYS
+from search.capacity import start_ray
 from search.runstore import RunStore
 from search.tasks import (
     SCORES,
     Failures,
     Run,
     add_resource_flags,
-    start_ray,
-    task_cpus,
     train_runs,
 )
 
@@ -218,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "split_seed": args.split_seed,
         "data_checksum": archive.checksum(),
     }
-    cpus = task_cpus(args.cpus_per_trial)
-    gpus = start_ray(args.address, cpus, args.gpus_per_trial)
+    started = start_ray(args.address, args.cpus_per_trial, args.gpus_per_trial)
+    cpus, gpus = started.cpus, started.gpus
     finished = store.open(plan, force=args.force)
     if finished:
         print(f"continuing the comparison in {args.out}: {len(finished)} run(s) finished, kept")

@@ -33,8 +33,8 @@ member's weights, the config and the offsets) and `report.md` with its PNGs.
 
 A config exported from a search records the checksum of the cleaned archive it was searched on;
 other data is refused before any training (`--any-data` trains it anyway). The command only
-parses: `train_final(config, archive, FinalSettings(...))` does the work, for `search.run --final`
-as well.
+parses: `train_final(config, archive, FinalSettings.from_args(...))` does the work, for
+`search.run --final` as well (it hands its flags on to this parser).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from marsseg.calibrate import Calibration, apply_offsets, fit_offsets, format_offsets
+from marsseg.calibrate import Calibration, fit_offsets, format_offsets
 from marsseg.classes import CLASS_NAMES, NUM_CLASSES, SCORED_CLASSES
 from marsseg.cli import (
     COUNT,
@@ -70,9 +70,8 @@ from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive, kfold_plans, load_clean_archive, train_val_split
 from marsseg.errors import ConfigError, DataError
 from marsseg.fileio import check_output, check_writable
-from marsseg.metrics import Scores, decode, score_masks
+from marsseg.metrics import Scores, decode_probabilities, score_masks
 from marsseg.predict import (
-    BATCH,
     check_target,
     predict_probabilities,
     predict_submission,
@@ -84,13 +83,12 @@ from marsseg.submission import submission_bytes
 from marsseg.train import fit, prepare_data, resolve_device
 from marsseg.train.loop import OnEpoch
 from marsseg.train.progress import print_epochs
+from search.capacity import start_ray
 from search.runstore import RunStore
 from search.tasks import (
     Failures,
     Run,
     add_resource_flags,
-    start_ray,
-    task_cpus,
     train_runs,
 )
 
@@ -267,19 +265,6 @@ def train_fold(
     }
 
 
-def decode_probabilities(
-    probs: np.ndarray, *, metric_aware: bool, offsets: np.ndarray | None = None
-) -> np.ndarray:
-    """Labels (N, H, W) uint8 of probabilities (N, 5, H, W), a batch at a time, decoded as the
-    submission is (`offsets` added to the log-probabilities first)."""
-    out = np.empty((len(probs), *probs.shape[2:]), dtype=np.uint8)
-    for start in range(0, len(probs), BATCH):
-        chunk = torch.from_numpy(probs[start : start + BATCH].astype(np.float32))
-        scores = chunk if offsets is None else apply_offsets(chunk, offsets)
-        out[start : start + len(chunk)] = decode(scores, metric_aware=metric_aware).numpy()
-    return out
-
-
 def train_folds(
     config: TrainConfig,
     archive: MarsArchive,
@@ -444,7 +429,8 @@ class FinalSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, command: str = "") -> FinalSettings:
-        """The settings `parse_args` describes (the output folder defaults by the config's name)."""
+        """The settings `parse_args` describes (the output folder defaults by the config's name):
+        the one way they are built, also by `search.run --final`."""
         return cls(
             out=args.out or Path("results") / "final" / args.config.stem,
             config_path=args.config,
@@ -534,10 +520,9 @@ def train_final(config: TrainConfig, archive: MarsArchive, settings: FinalSettin
     device = resolve_device(settings.device)
     tasks: dict[str, Any] = {}
     if settings.folds or settings.rerank:
-        cpus = task_cpus(settings.cpus)
-        gpus = start_ray(settings.address, cpus, settings.gpus)
-        tasks = {"cpus": cpus, "gpus": gpus, "workers": settings.workers}
-        print(f"training runs as Ray tasks, {cpus:g} CPU + {gpus:g} GPU each")
+        started = start_ray(settings.address, settings.cpus, settings.gpus)
+        tasks = {"cpus": started.cpus, "gpus": started.gpus, "workers": settings.workers}
+        print(f"training runs as Ray tasks, {started.cpus:g} CPU + {started.gpus:g} GPU each")
     if settings.rerank:
         config = rerank(
             settings.config_path,

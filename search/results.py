@@ -18,6 +18,7 @@ from ray.tune.experiment import Trial
 
 import marsseg
 from marsseg.config import TrainConfig
+from marsseg.errors import kind_and_first_line
 from marsseg.fileio import atomic_path
 from marsseg.report import describe_augment, describe_loss, describe_schedule
 from marsseg.train.keys import EPOCH, FINISHED, IOU_KEYS, VAL_MIOU
@@ -102,7 +103,7 @@ def _trial_id(result: Result) -> str:
 
 @dataclass(frozen=True)
 class TrialError:
-    """A trial that ended in an error, and the first line of that error."""
+    """A trial that ended in an error, and that error's kind and first line."""
 
     trial_id: str
     message: str
@@ -110,14 +111,7 @@ class TrialError:
 
 def trial_errors(results: ResultGrid) -> list[TrialError]:
     """The trials that errored (after their retries), in Tune's order."""
-    return [TrialError(_trial_id(r), first_line(r.error)) for r in results if r.error]
-
-
-def first_line(error: BaseException) -> str:
-    """`Kind: first line` of the error a trial raised (not of Ray's wrapper around it)."""
-    cause = getattr(error, "cause", None) or error
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    return [TrialError(_trial_id(r), kind_and_first_line(r.error)) for r in results if r.error]
 
 
 def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:

@@ -51,13 +51,7 @@ from marsseg.fileio import check_writable
 from marsseg.models import list_models
 from marsseg.predict import check_target
 from marsseg.yamlfile import read_yaml_mapping
-from search.capacity import (
-    AUTOSCALER_CONFIG,
-    capacity,
-    check_trial_resources,
-    concurrent_trials,
-    connect,
-)
+from search.capacity import concurrent_trials, start_ray
 from search.experiment import (
     BEST_CONFIG,
     DEFAULT_STORAGE,
@@ -75,6 +69,7 @@ from search.experiment import (
 )
 from search.export import export
 from search.final import FinalSettings, train_final
+from search.final import parse_args as final_args
 from search.lock import DriverLock
 from search.packing import check_gpu_packing
 from search.results import (
@@ -100,7 +95,7 @@ SHOWN_COLUMNS = ["rank", "trial", "arch", "loss", "augment", "oversample", "epoc
 RUN_DEFAULTS: dict[str, Any] = {
     "settings": None,
     "train_config": None,
-    "cpus_per_trial": 1.0,
+    "cpus_per_trial": None,
     "gpus_per_trial": None,
     "address": None,
     "storage": DEFAULT_STORAGE,
@@ -211,7 +206,7 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
 
 def _resource_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--gpus-per-trial", "GPUs per trial; 0.25 packs 4 (default: 1 if any)", type=GPUS)
-    _flag(parser, "--cpus-per-trial", "CPUs per trial (torch threads)", type=CPUS)
+    _flag(parser, "--cpus-per-trial", "CPUs per trial, its torch threads (default: 1)", type=CPUS)
     _flag(parser, "--address", "Ray address: 'auto' joins a cluster from `ray up` (default: local)")
     _flag(
         parser,
@@ -385,13 +380,9 @@ def plan_resources(
 ) -> tuple[TrialResources, int]:
     """Each trial's resources on the cluster joined, and how many trials run at once; refuses
     what cannot run (a trial bigger than any node, a packing that does not fit)."""
-    requested = TrialResources(args.cpus_per_trial, args.gpus_per_trial or 0, args.checkpoint_every)
-    connect(args.address)
-    # Only a cluster joined by address can have an autoscaler; a fresh local Ray never grows.
-    cap = capacity(AUTOSCALER_CONFIG if args.address else None)
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cap.gpus else 0.0)
-    resources = dataclasses.replace(requested, gpus=gpus)
-    check_trial_resources(cap, resources.cpus, gpus)
+    started = start_ray(args.address, args.cpus_per_trial, args.gpus_per_trial)
+    resources = TrialResources(started.cpus, started.gpus, args.checkpoint_every)
+    cap, gpus = started.capacity, started.gpus
     check_shared_storage(storage, cap)
     # Trials sharing a GPU: measure the heaviest on one and refuse a packing that cannot fit.
     check_gpu_packing(base, images, gpus)
@@ -413,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = check_name(args.name) if args.name is not None else default_name(settings.space)
     if args.final:
         check_architecture(args.final_arch, "--final-arch")
-        check_final_outputs(final_settings(args, given, name))
+        check_final_outputs(final_settings(args, name))
     # A new search's inputs are checked before its experiment (or the storage) is made.
     storage = parse_storage(args.storage)
     new = None
@@ -425,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         experiment, results = run_search(args, given, settings, storage, name, new)
         report(results, experiment)
         if args.final:
-            run_final(args, given, experiment)
+            run_final(args, experiment)
     return 0
 
 
@@ -493,22 +484,30 @@ def fit_new(
     return results
 
 
-def final_settings(args: argparse.Namespace, given: dict[str, Any], name: str) -> FinalSettings:
-    """How `--final` trains and where it writes (checked before the search starts). The folds
-    get a trial's CPUs; this process keeps torch's own threads unless `--cpus-per-trial` was
-    given, as in `search.final`."""
+FINAL_FLAGS = {
+    "final_folds": "--folds",
+    "final_max_epochs": "--max-epochs",
+    "cpus_per_trial": "--cpus-per-trial",
+    "gpus_per_trial": "--gpus-per-trial",
+    "address": "--address",
+}
+"""The flags `--final` hands on to `search.final`, by the name this run gives them."""
+
+
+def final_settings(args: argparse.Namespace, name: str) -> FinalSettings:
+    """How `--final` trains and where it writes (checked before the search starts): what
+    `search.final` makes of the flags handed on to it (`FINAL_FLAGS`, `--force`), so the two
+    read them alike; the config and output folder are the experiment's. The folds get a
+    trial's CPUs and GPUs; this process keeps torch's own threads unless `--cpus-per-trial` was
+    given."""
     out = results_folder(name)
-    return FinalSettings(
-        out=out / "final",
-        config_path=out / BEST_CONFIG,
-        folds=args.final_folds,
-        max_epochs=args.final_max_epochs,
-        force=args.force,
-        cpus=given.get("cpus_per_trial"),
-        gpus=args.gpus_per_trial,
-        address=args.address,
-        command=f"python -m search.run {shlex.join(sys.argv[1:])}",
-    )
+    argv = [f"--config={out / BEST_CONFIG}", f"--out={out / 'final'}"]
+    for dest, flag in FINAL_FLAGS.items():
+        if getattr(args, dest) is not None:
+            argv.append(f"{flag}={getattr(args, dest)}")
+    argv += ["--force"] if args.force else []
+    command = f"python -m search.run {shlex.join(sys.argv[1:])}"
+    return FinalSettings.from_args(final_args(argv), command)
 
 
 def check_final_outputs(settings: FinalSettings) -> None:
@@ -518,11 +517,11 @@ def check_final_outputs(settings: FinalSettings) -> None:
     check_writable(settings.out)
 
 
-def run_final(args: argparse.Namespace, given: dict[str, Any], experiment: Experiment) -> None:
+def run_final(args: argparse.Namespace, experiment: Experiment) -> None:
     """search -> export -> final in one go: the best config of `--final-arch`, retrained on
     the whole cleaned archive (not `--limit-images`' share), its folds as Ray tasks on the
     search's own Ray with a trial's resources each."""
-    settings = final_settings(args, given, experiment.name)
+    settings = final_settings(args, experiment.name)
     export(experiment, top_k=5, arch=args.final_arch, out=experiment.results)
     archive, _ = load_clean_archive(args.data or experiment.settings.data)
     train_final(TrainConfig.load(settings.config_path), archive, settings)

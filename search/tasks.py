@@ -1,13 +1,13 @@
 """Trainings as Ray tasks, for the stages that retrain outside Tune: compare, final (folds, rerank).
 
-Each task asks for `--cpus-per-trial` CPUs (its torch threads; 1 when not given) and
-`--gpus-per-trial` GPUs, and holds them while it runs (it never blocks on Ray, which would lend
-them to a queued task); Ray queues the tasks that do not fit, so a one-core machine runs them one
-after another and a cluster (`--address auto`) spreads them over its nodes. Each epoch of each
-task prints one line on the driver, labelled by its run (`fold 2/5  epoch   3/20 ...`), as it
-ends. With a `RunStore` each task checkpoints every epoch and a rerun continues where it
-stopped. A task that raises does not stop the others: `as_completed` hands back its reason in
-its place, and `Failures` names them all at the end.
+Each task asks for the CPUs (its torch threads) and GPUs `search.capacity.start_ray` settled
+from `--cpus-per-trial` and `--gpus-per-trial`, and holds them while it runs (it never blocks on
+Ray, which would lend them to a queued task); Ray queues the tasks that do not fit, so a
+one-core machine runs them one after another and a cluster (`--address auto`) spreads them over
+its nodes. Each epoch of each task prints one line on the driver, labelled by its run
+(`fold 2/5  epoch   3/20 ...`), as it ends. With a `RunStore` each task checkpoints every epoch
+and a rerun continues where it stopped. A task that raises does not stop the others:
+`as_completed` hands back its reason in its place, and `Failures` names them all at the end.
 """
 
 from __future__ import annotations
@@ -28,18 +28,15 @@ from tqdm import tqdm
 from marsseg.cli import GPUS, add_cpus_flag, torch_threads
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
-from marsseg.errors import MarsSegError
+from marsseg.errors import MarsSegError, kind_and_first_line
 from marsseg.train import EpochState, fit, prepare_data
 from marsseg.train.keys import EPOCH, EPOCH_TIME_S, SCORE_KEYS
 from marsseg.train.loop import OnEpoch
 from marsseg.train.progress import epoch_line
 from marsseg.train.state import CheckpointFiles
-from search.capacity import AUTOSCALER_CONFIG, capacity, check_trial_resources, connect
 from search.runstore import RunStore
 
 SCORES = list(SCORE_KEYS)
-TASK_CPUS = 1.0
-"""CPUs of a task when `--cpus-per-trial` is not given."""
 POLL_S = 1.0
 """How often the driver prints the epoch lines that arrived while it waits for a task to end."""
 LINES_WAIT_S = 10.0
@@ -61,21 +58,6 @@ def add_resource_flags(
     add = parser.add_argument
     add("--gpus-per-trial", type=GPUS, help=f"GPUs per {what}; 0.25 packs 4 (default: 1 if any)")
     add("--address", help="Ray address: 'auto' joins a cluster (default: a local Ray)")
-
-
-def task_cpus(cpus: float | None) -> float:
-    """CPUs each task asks for: `--cpus-per-trial`, or `TASK_CPUS` when it was not given."""
-    return TASK_CPUS if cpus is None else cpus
-
-
-def start_ray(address: str | None, cpus: float, gpus: float | None) -> float:
-    """Connect, check that one task fits on a node, and return the GPUs each task asks for
-    (1 when the cluster has any and none was asked for)."""
-    connect(address)
-    cap = capacity(AUTOSCALER_CONFIG if address else None)
-    gpus = gpus if gpus is not None else (1.0 if cap.gpus else 0.0)
-    check_trial_resources(cap, cpus, gpus)
-    return gpus
 
 
 def training_only(archive: MarsArchive) -> MarsArchive:
@@ -296,20 +278,12 @@ def as_completed(
             try:
                 (result, label, last_epoch), reason = ray.get(done[0]), None
             except ray.exceptions.RayError as err:
-                result, reason = None, failure_reason(err)
+                result, reason = None, kind_and_first_line(err)
             else:
                 if lines is not None:
                     lines.wait_for(label, last_epoch)
             yield key, result, reason
             bar.update()
-
-
-def failure_reason(err: BaseException) -> str:
-    """`ValueError: first line of its message`: the exception the task raised, not Ray's wrapper."""
-    cause = getattr(err, "cause", None)
-    shown = cause if isinstance(cause, BaseException) else err
-    lines = str(shown).strip().splitlines()
-    return f"{type(shown).__name__}: {lines[0]}" if lines else type(shown).__name__
 
 
 @dataclass

@@ -29,7 +29,8 @@ MAX_FAILURES = 3
 
 @dataclass(frozen=True)
 class TrialResources:
-    """What each trial of this run gets: this run's choice, also when it resumes a search."""
+    """What each trial of this run gets: this run's choice, also when it resumes a search.
+    `cpus` and `gpus` as `search.capacity.start_ray` settled and checked them."""
 
     cpus: float = 1
     gpus: float = 0
@@ -37,8 +38,6 @@ class TrialResources:
     """A checkpoint every N epochs and the last; a retried trial redoes up to N-1 epochs."""
 
     def __post_init__(self) -> None:
-        if self.cpus <= 0 or self.gpus < 0:
-            raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
         if self.checkpoint_every < 1:
             raise ConfigError("--checkpoint-every must be >= 1")
 

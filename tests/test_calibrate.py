@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from marsseg.calibrate import DEFAULT_GRID, apply_offsets, fit_offsets, format_offsets
+from marsseg.calibrate import DEFAULT_GRID, fit_offsets, format_offsets
 from marsseg.classes import BIG_ROCK, NUM_CLASSES
 from marsseg.config import TrainConfig
 from marsseg.data import load_archive
 from marsseg.errors import ConfigError
-from marsseg.metrics import decode, score_masks
+from marsseg.metrics import apply_offsets, decode, score_masks
 from marsseg.predict import (
     load_ensemble,
     load_models,

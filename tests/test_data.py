@@ -102,8 +102,14 @@ def test_bad_archive_gives_one_line_error(synthetic, tmp_path, kind, expected):
 def test_not_an_archive(tmp_path):
     path = tmp_path / "notes.npz"
     path.write_text("not a zip")
-    with pytest.raises(DataError, match=r"not a readable NumPy \.npz archive"):
+    with pytest.raises(DataError, match=r"notes\.npz is not a NumPy \.npz archive"):
         load_archive(path)
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "empty.npz", "w") as z:
+        z.writestr("junk.txt", "not an array")  # a zip, but not of arrays
+    with pytest.raises(DataError, match=r"missing key .training_set. \(found: junk.txt\)"):
+        load_archive(tmp_path / "empty.npz")
     with pytest.raises(DataError, match="archive not found"):
         load_archive(tmp_path / "missing.npz")
 

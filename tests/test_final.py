@@ -36,6 +36,7 @@ from marsseg.train import fit
 from search import export, tasks
 from search import final as final_stage
 from search import predict as predict_stage
+from search.capacity import start_ray
 from search.experiment import Experiment
 from search.run import main as search_main
 
@@ -249,7 +250,7 @@ def test_rerank_runs_every_config_and_seed_as_tasks(ray_env, small_archive, tmp_
     for name, lr in (("top-01-slow", 1e-5), ("top-02-fast", 3e-3)):
         config = TrainConfig.from_dict({**FAST, "optim": {"lr": lr}})
         config.replace(provenance={"trial": name}).save(tmp_path / f"{name}.yaml")
-    tasks.start_ray(None, 1, 0)
+    start_ray(None, 1, 0)
     archive = load_archive(small_archive)
     best = final_stage.rerank(tmp_path / "best_config.yaml", 2, 2, archive, cpus=1, gpus=0)
     printed = capsys.readouterr().out

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import optuna
 import pytest
+from optuna.distributions import distribution_to_json
 
 from marsseg.config import preset
 from marsseg.errors import ConfigError
@@ -13,17 +18,22 @@ from spaces import SPACE_NAMES, get_space, params_to_config
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def sample(space_name: str, n: int, seed: int = 0) -> list[dict]:
-    """Parameters (plus the space's constants) of n trials drawn at random from a space."""
+def run_space(space_name: str, n: int, seed: int = 0) -> tuple[optuna.Study, list[dict]]:
+    """A study of n trials drawn at random from a space, and the constants each one returned."""
     space = get_space(space_name)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    drawn = []
+    constants = []
     for _ in range(n):
         trial = study.ask()
-        constants = space.space(trial) or {}
-        drawn.append({**trial.params, **constants})
+        constants.append(space.space(trial) or {})
         study.tell(trial, 0.0)
-    return drawn
+    return study, constants
+
+
+def sample(space_name: str, n: int, seed: int = 0) -> list[dict]:
+    """Parameters (plus the space's constants) of n trials drawn at random from a space."""
+    study, constants = run_space(space_name, n, seed)
+    return [{**t.params, **c} for t, c in zip(study.trials, constants, strict=True)]
 
 
 NARROW_SPACES = ("marsseg_small", "marsseg_budget")
@@ -76,16 +86,34 @@ def test_unknown_spaces_are_one_line_errors():
 
 
 @pytest.mark.parametrize("name", NARROW_SPACES)
-def test_narrow_spaces_keep_marsseg_narrow_and_start_from_tpe_alone(name):
+def test_narrow_spaces_keep_marsseg_narrow(name):
     from spaces.marsseg_small import NARROW
 
-    assert get_space(name).points_to_evaluate == []
     base = preset("reference")
     for params in sample(name, 40, seed=3):
         knobs = params_to_config(params, base).model.knobs
         assert params["arch"] == "marsseg"
-        for name, bounds in NARROW.items():
-            assert bounds["low"] <= knobs[name] <= bounds["high"]
+        for knob, bounds in NARROW.items():
+            assert bounds["low"] <= knobs[knob] <= bounds["high"]
+
+
+def test_marsseg_small_starts_from_tpe_alone_and_budget_from_plains_recipe():
+    """The reference's MarsSeg lies outside both; `marsseg_budget`'s first trial is the plain
+    baseline's recipe on its largest MarsSeg, so its search never ends below that."""
+    assert get_space("marsseg_small").points_to_evaluate == []
+    space = get_space("marsseg_budget")
+    [point] = space.points_to_evaluate
+    study = optuna.create_study()
+    study.enqueue_trial(point)
+    trial = study.ask()
+    constants = space.space(trial)
+    base = preset("reference").replace(max_epochs=12)
+    config = params_to_config({**trial.params, **constants}, base)
+    plain = preset("plain")
+    assert config.model.name == "marsseg" and config.model.knobs["width"] == 0.1875
+    for field in ("loss", "augment", "oversample", "optim", "scheduler", "batch_size"):
+        assert getattr(config, field) == getattr(plain, field), field
+    assert config.ema_decay == plain.ema_decay == 0
 
 
 def test_schedules_ema_lovasz_and_weight_caps_are_sampled_into_the_config():
@@ -118,3 +146,55 @@ def test_marsseg_budget_bounds_the_images_an_epoch_holds():
     assert {c.ema_decay > 0 for c in configs} == {False, True}
     assert {c.loss.lovasz_weight > 0 for c in configs} == {False, True}
     assert {c.augment.photometric for c in configs} == {False, True}
+
+
+# --- the spaces as a running search recorded them ------------------------------------------------
+
+REPLAYS = Path(__file__).with_name("space_replays.json")
+"""What `replay` recorded of every space when the file was written. A search resumed with other
+code must be offered the parameters it was started with: the same names, distributions, order
+and conditions (Optuna refuses or mis-samples a resumed study whose space changed). Rewrite it
+(`python tests/test_spaces.py`) only for a deliberate change of a space, which breaks resuming
+the searches that use it."""
+REPLAY_TRIALS = 60
+
+
+def replay(name: str, trials: int = REPLAY_TRIALS, seed: int = 0) -> dict[str, Any]:
+    """What Optuna records of `trials` trials of space `name` under a seeded RandomSampler: each
+    parameter's distribution, the order in which each trial asked for its parameters (indices
+    into the sorted names), the constants the space returned and its starting points."""
+    study, returned = run_space(name, trials, seed)
+    constants = [c for i, c in enumerate(returned) if c not in returned[:i]]
+    distributions = {}
+    for frozen in study.trials:
+        for param, dist in frozen.distributions.items():
+            distributions[param] = distribution_to_json(dist)
+    names = sorted(distributions)
+    asked = [" ".join(str(names.index(p)) for p in t.distributions) for t in study.trials]
+    record = {
+        "distributions": {param: distributions[param] for param in names},
+        "asked": asked,
+        "constants": constants,
+        "points_to_evaluate": get_space(name).points_to_evaluate,
+    }
+    return json.loads(json.dumps(record))  # tuples as lists, as the file holds them
+
+
+def distributions(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's distributions as Optuna compares them, whatever the layout of its JSON."""
+    return {name: json.loads(text) for name, text in record["distributions"].items()}
+
+
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_every_space_asks_what_it_asked_when_its_searches_started(name):
+    recorded = json.loads(REPLAYS.read_text())[name]
+    now = replay(name)
+    assert distributions(now) == distributions(recorded)
+    assert now["asked"] == recorded["asked"]
+    assert now["constants"] == recorded["constants"]
+    assert now["points_to_evaluate"] == recorded["points_to_evaluate"]
+
+
+if __name__ == "__main__":
+    REPLAYS.write_text(json.dumps({name: replay(name) for name in SPACE_NAMES}, indent=1) + "\n")
+    print(f"wrote {REPLAYS}")
