@@ -18,6 +18,7 @@ from marsseg.metrics import score_masks
 from marsseg.predict import load_models, predict_masks
 from marsseg.train import EPOCH_METRICS, evaluate, fit, prepare_data
 from marsseg.train.__main__ import main as train_main
+from marsseg.train.batches import Batches
 from marsseg.train.state import read_checkpoint
 
 
@@ -80,6 +81,39 @@ def test_same_seed_same_metrics_on_cpu(small_archive, tmp_path):
     assert first == second
     other = without_timing(run(config.replace(seed=1), small_archive, tmp_path)[1])
     assert other != first
+
+
+def test_online_augmentation_changes_the_batches_and_draws_anew_each_epoch(small_archive, tmp_path):
+    """What `fit` trains on: `intensity` augments every image, `photometric` adds its ops, and
+    each epoch draws new augmentations (a rerun of an epoch the same ones); `random_flip` flips
+    some images with their masks. Guards against the online pipeline being off in the batch
+    loader, re-seeded alike every epoch, and the random flip being skipped."""
+    plan = np.arange(32)  # two batches of 16, in plan order
+
+    def batches(epoch: int, **augment) -> tuple[torch.Tensor, torch.Tensor]:
+        config = small_config(val_fraction=0.0, augment={"preset": "none", **augment})
+        data = prepare_data(config, small_archive, tmp_path / "cache")
+        drawn = list(Batches(data, config, torch.device("cpu"), workers=0).epoch(plan, epoch))
+        return torch.cat([b[0][:, 0] for b in drawn]), torch.cat([b[1] for b in drawn])
+
+    def changed(a: torch.Tensor, b: torch.Tensor) -> int:
+        return sum(not torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    raw_images, raw_masks = batches(0)
+    assert torch.equal(raw_images, torch.from_numpy(small_archive.images[plan]))
+    first, again, second = (batches(e, intensity=0.5)[0] for e in (0, 0, 1))
+    assert changed(first, raw_images) == len(plan)
+    assert torch.equal(first, again)
+    assert changed(first, second) == len(plan)
+    assert changed(batches(0, intensity=0.5, photometric=True)[0], first) == len(plan)
+
+    torch.manual_seed(0)  # `fit` seeds torch every epoch; the flip draws from it
+    images, masks = batches(0, random_flip=True)
+    flipped = [torch.equal(i, r.flip(-1)) for i, r in zip(images, raw_images, strict=True)]
+    assert 0 < sum(flipped) < len(plan)
+    for i, flip in enumerate(flipped):
+        assert torch.equal(images[i], raw_images[i].flip(-1) if flip else raw_images[i])
+        assert torch.equal(masks[i], raw_masks[i].flip(-1) if flip else raw_masks[i])
 
 
 def test_resume_after_epoch_two_matches_an_uninterrupted_run(small_archive, tmp_path):
