@@ -19,6 +19,7 @@ from marsseg.predict import load_models, predict_masks
 from marsseg.train import EPOCH_METRICS, evaluate, fit, prepare_data
 from marsseg.train.__main__ import main as train_main
 from marsseg.train.batches import Batches
+from marsseg.train.loop import train_epoch
 from marsseg.train.state import read_checkpoint
 
 
@@ -191,16 +192,26 @@ def test_cli_trains_the_reference_preset_and_resumes(tmp_path, capsys):
     assert "resuming from" in capsys.readouterr().out
 
 
-def test_deep_supervision_adds_the_coarse_stages_loss(small_archive, tmp_path):
-    """hunet's `deep_supervision` weight must change training: the loop adds its aux loss."""
+def test_deep_supervision_trains_the_coarse_stage_on_its_own_loss(labelled_batch):
+    """hunet's `deep_supervision` loss is part of what a training step descends, not only of
+    the loss it reports: one step from the same weights moves the coarse stage differently
+    with it than without. Guards against the loop adding the auxiliary loss detached."""
+    images, masks = labelled_batch
     knobs = {"stages": 2, "depth": 2, "coarse_channels": 8, "refine_channels": 8}
-    losses = []
+    coarse, losses = [], []
     for weight in (0.0, 1.0):
-        config = small_config(
-            max_epochs=1, model={"name": "hunet", "knobs": {**knobs, "deep_supervision": weight}}
+        model_config = {"name": "hunet", "knobs": {**knobs, "deep_supervision": weight}}
+        config = small_config(model=model_config)
+        torch.manual_seed(0)
+        model = config.model.build()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss, _, _ = train_epoch(
+            model, CombinedLoss(config.loss), optimizer, iter([(images, masks, None)]), 0, None
         )
-        losses.append(run(config, small_archive, tmp_path)[1][0]["train_loss"])
+        losses.append(loss)
+        coarse.append(model.stages[0].classifier.weight.detach().clone())
     assert losses[1] > losses[0]
+    assert not torch.allclose(coarse[1], coarse[0], rtol=0, atol=1e-4)
 
 
 def _truncate(path) -> None:
