@@ -209,6 +209,43 @@ def test_a_stop_lost_by_tune_is_made_again(tmp_path):
     assert "2 recorded" in second.debug_string()
 
 
+def test_search_runs_rungs_reach_a_resumed_search_on_a_new_head(tmp_path, monkeypatch):
+    """`search.run`'s scheduler keeps its rungs in a driver file, which a search resumed on
+    another head (its driver folder fetched from shared storage) reads back into the copy
+    Tune unpickles from tuner.pkl, pickled when the search began. Guards against a scheduler
+    built without its state path (the rungs then die with the first head) and against the
+    state file missing from the driver files that are uploaded."""
+    from marsseg.config import TrainConfig
+    from search.experiment import Experiment, SearchSettings
+    from search.storage import Storage
+    from search.tuner import _scheduler
+
+    storage = Storage(str(tmp_path / "shared"), shared=True)
+    settings = SearchSettings(max_epochs=9, grace_period=1, reduction_factor=3)
+    for head in ("head-a", "head-b"):
+        (tmp_path / head).mkdir()
+    monkeypatch.chdir(tmp_path / "head-a")
+    experiment = Experiment.new(storage, "r", TrainConfig(), settings)
+    scheduler = _scheduler(experiment)
+    at_start = pickle.dumps(scheduler)  # what Tune saves in tuner.pkl
+    good, bad, late = FakeTrial("good"), FakeTrial("bad"), FakeTrial("late")
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, good, {"epoch": 1, "val_miou": 0.9}) == CONTINUE
+    assert scheduler.on_trial_result(None, bad, {"epoch": 1, "val_miou": 0.1}) == STOP
+    experiment.sync()  # as the searcher does whenever Tune saves the experiment
+
+    monkeypatch.chdir(tmp_path / "head-b")  # the first head is gone; this one starts empty
+    Experiment.resume(storage, "r")
+    resumed = pickle.loads(at_start)
+    for trial in (good, bad, late):
+        resumed.on_trial_add(None, trial)
+    assert resumed.recorded()[1] == {"good": 0.9, "bad": 0.1}
+    # Below the rung's cutoff (2/3 of the way from 0.1 to 0.9): an empty rung would keep it.
+    assert resumed.on_trial_result(None, late, {"epoch": 1, "val_miou": 0.5}) == STOP
+    assert resumed.on_trial_result(None, bad, {"epoch": 2, "val_miou": 0.2}) == STOP
+
+
 def test_memory_only_and_pickling(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scheduler = resumable("max", 9, 1, 3)

@@ -18,10 +18,10 @@ import torch
 from search_helpers import RAY_ENV, search_args
 from torch import nn
 
+from marsseg.classes import CLASS_NAMES, SCORED_CLASSES
 from marsseg.cli import run_cli
 from marsseg.config import TrainConfig
 from marsseg.data import (
-    archive_from_arrays,
     kfold_plans,
     load_archive,
     load_clean_archive,
@@ -29,8 +29,14 @@ from marsseg.data import (
 )
 from marsseg.data.synthetic import generate
 from marsseg.errors import DataError
-from marsseg.metrics import score_masks
-from marsseg.predict import load_ensemble, load_models, predict_masks
+from marsseg.metrics import Scores, score_masks
+from marsseg.predict import (
+    Ensemble,
+    load_ensemble,
+    load_models,
+    predict_masks,
+    predict_probabilities,
+)
 from marsseg.submission import HEADER, read_submission
 from marsseg.train import fit
 from search import export, tasks
@@ -155,22 +161,52 @@ def test_final_model_reloads_and_reproduces_the_submission(final_run, tiny_archi
     assert again.read_bytes() == (out / "submission.csv").read_bytes()
 
 
-def test_final_compress_writes_a_gzip_submission(experiment, tiny_archive, tmp_path, capsys):
+def test_final_compress_and_no_tta_write_a_gzip_submission_without_flips(
+    experiment, tiny_archive, tmp_path, capsys
+):
+    """`--no-tta` predicts the test set from the unflipped images alone. Guards against the
+    flag being ignored (the submission would be the flip-averaged one)."""
     export.export(Experiment.at(str(experiment)), top_k=1, arch="any", out=tmp_path / "configs")
     args = ["--config", str(tmp_path / "configs" / "best_config.yaml"), "--data", str(tiny_archive)]
     args += ["--epochs", "1", "--out", str(tmp_path / "run"), "--threads", "2", "--compress"]
-    assert final_stage.main(args) == 0
+    assert final_stage.main([*args, "--no-tta"]) == 0
     assert re.search(r"^all data  epoch   1/1  loss ", capsys.readouterr().out, re.M)
-    n_test = len(load_archive(tiny_archive).test_images)
+    test_images = load_archive(tiny_archive).test_images
     assert not (tmp_path / "run" / "submission.csv").exists()
-    preds = read_submission(tmp_path / "run" / "submission.csv.gz", n_rows=n_test)
+    preds = read_submission(tmp_path / "run" / "submission.csv.gz", n_rows=len(test_images))
     assert preds.min() >= 1 and preds.max() <= 4
+    _config, models = load_models(tmp_path / "run" / "model.pt")
+    np.testing.assert_array_equal(preds, predict_masks(models, test_images, tta=False))
+    assert (preds != predict_masks(models, test_images, tta=True)).any()
+    assert "| test-time augmentation | off |" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_final_report_and_figures(final_run):
-    out, *_ = final_run
+def reported_iou(report: str) -> dict[str, str]:
+    """Row name -> our column of the report's per-class IoU table (`mean IoU` included)."""
+    table = report.split("## Per-class IoU\n\n")[1].split("\n\n")[0]
+    cells = [[c.strip(" *") for c in line.strip("|").split("|")] for line in table.splitlines()]
+    return {row[0]: row[1] for row in cells[2:]}
+
+
+def iou_rows(scores: Scores) -> dict[str, str]:
+    """What `reported_iou` should read for `scores`."""
+    rows = {CLASS_NAMES[c]: f"{scores.iou[c]:.4f}" for c in SCORED_CLASSES}
+    return {**rows, "mean IoU": f"{scores.mean_iou:.4f}"}
+
+
+def test_final_report_and_figures(final_run, tiny_archive):
+    """The per-class IoU the report gives is the out-of-fold probabilities' decoded as the
+    submission is (with the stored calibration offsets), not only the reference team's."""
+    out, _, received = final_run
     report = (out / "report.md").read_text()
-    assert "out-of-fold (2 folds)" in report and "0.8701" in report and "0.2032" in report
+    assert "out-of-fold (2 folds), calibrated" in report and "0.8701" in report
+    masks = load_clean_archive(tiny_archive)[0].masks
+    oof = np.zeros((len(masks), 5, *masks.shape[1:]), dtype=np.float16)
+    for _, fold in received:
+        oof[fold["val_idx"]] = fold["probs"]
+    offsets = load_ensemble(out / "model.pt").offsets
+    preds = final_stage.decode_probabilities(oof, metric_aware=True, offsets=offsets)
+    assert reported_iou(report) == iou_rows(score_masks(preds, masks))
     assert "python -m search.final --config" in report
     assert "## Calibration" in report and "| class | IoU before | IoU after | offset |" in report
     assert "| **out-of-fold mIoU** |" in report
@@ -230,6 +266,10 @@ def test_stored_offsets_decode_the_submission(ray_env, small_archive, tmp_path, 
     assert again.read_bytes() == (out / "submission.csv").read_bytes()
     report = (out / "report.md").read_text()
     assert "## Calibration" in report and "| +1000.00 |" in report
+    # The IoU reported is that of the calibrated decoding (big rock everywhere), not the
+    # uncalibrated out-of-fold scores.
+    masks = load_clean_archive(small_archive)[0].masks
+    assert reported_iou(report) == iou_rows(score_masks(np.full_like(masks, 4), masks))
 
 
 def test_no_calibration_stores_no_offsets(ray_env, small_archive, tmp_path, capsys):
@@ -302,27 +342,48 @@ def test_tta_changes_nothing_for_a_flip_equivariant_model():
     np.testing.assert_array_equal(plain, flipped)
 
 
-def test_tta_helps_or_keeps_miou_on_synthetic_validation(tmp_path):
-    s = generate(n_train=240, n_test=1, seed=6, n_aliens=0)
-    archive = archive_from_arrays(s.training_set, s.test_set)
-    config = TrainConfig.from_dict(
-        {
-            "model": {"name": "unet", "knobs": {"depth": 2, "base_channels": 8}},
-            "augment": {"preset": "none"},
-            "optim": {"lr": 3e-3},
-            "batch_size": 16,
-            "max_epochs": 6,
-        }
-    )
-    result = fit(config, archive, num_threads=2, cache_dir=tmp_path)
-    from marsseg.data import train_val_split
+class _ColumnBiased(_Pointwise):
+    """A 1x1 convolution plus a bias that runs across the columns, a different way for each
+    class: not flip-equivariant, so flip TTA changes what it predicts."""
 
-    _, val = train_val_split(archive.masks, config.val_fraction, config.seed)
-    images, masks = archive.images[val], archive.masks[val]
-    plain = score_masks(predict_masks([result.model], images, tta=False), masks).mean_iou
-    tta = score_masks(predict_masks([result.model], images, tta=True), masks).mean_iou
-    assert plain > 0.3  # the model learned something, so the comparison means something
-    assert tta >= plain, (tta, plain)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-2, 2, x.shape[-1])
+        return super().forward(x) + torch.tensor([1.0, -1.0, 0.5, 0.0, -0.5])[:, None, None] * ramp
+
+
+def test_tta_averages_the_flipped_images_predictions_flipped_back():
+    """With TTA the probabilities are the mean of the image's and of its mirror image's
+    (mirrored back); without, the image's alone. Guards against TTA being ignored, or its
+    flipped view not flipped back, which a flip-equivariant model could not show."""
+    images = generate(n_train=6, n_test=1, seed=2, n_aliens=0).training_set[:, 0] / 255
+    images = images.astype(np.float32)
+    model = _ColumnBiased().eval()
+    with torch.no_grad():
+        x = torch.from_numpy(images)[:, None]
+        plain = model(x).softmax(dim=1)
+        mirrored = model(x.flip(-1)).flip(-1).softmax(dim=1)
+    [(_, tta)] = predict_probabilities(model, images, tta=True)
+    [(_, off)] = predict_probabilities(model, images, tta=False)
+    torch.testing.assert_close(off, plain)
+    torch.testing.assert_close(tta, (plain + mirrored) / 2)
+    assert (tta - off).abs().max() > 0.1
+    masks = predict_masks([model], images, tta=True)
+    assert (masks != predict_masks([model], images, tta=False)).any()
+
+
+def test_search_predict_no_tta_predicts_from_the_images_alone(small_archive, tmp_path, monkeypatch):
+    """`search.predict --no-tta` decodes the unflipped images' probabilities alone. Guards
+    against the flag being ignored (the submission would be the flip-averaged one)."""
+    model = _ColumnBiased().eval()  # its flip-averaged labels differ from its plain ones
+    ensemble = Ensemble(TrainConfig.from_dict(TINY), [model], offsets=None)
+    monkeypatch.setattr(predict_stage, "load_ensemble", lambda path: ensemble)
+    images = load_archive(small_archive).test_images
+    out = tmp_path / "s.csv"
+    argv = ["--model", "model.pt", "--data", str(small_archive), "--out", str(out), "--no-tta"]
+    assert predict_stage.main(argv) == 0
+    preds = read_submission(out, n_rows=len(images))
+    np.testing.assert_array_equal(preds, predict_masks([model], images, tta=False))
+    assert (preds != predict_masks([model], images, tta=True)).any()
 
 
 def test_search_with_final_runs_the_whole_chain(ray_env, tiny_archive, tmp_path, monkeypatch):
@@ -372,19 +433,24 @@ def test_final_refuses_data_other_than_the_searched_before_training(
 
 
 def test_train_final_is_callable_with_a_loaded_archive_and_settings(small_archive, tmp_path):
+    """Without `max_epochs` the all-data model trains for the search's best epoch scaled to
+    all data (here 1 / (1 - 0.5)), as `search.run`'s printed next step runs it. Guards against
+    training for the config's `max_epochs` (1) or for the unscaled best epoch."""
     archive, _ = load_clean_archive(small_archive)
-    config = TrainConfig.from_dict(FAST).replace(provenance={"data_checksum": "0" * 16})
-    settings = final_stage.FinalSettings(out=tmp_path / "run", max_epochs=1, cpus=2, device="cpu")
+    config = TrainConfig.from_dict({**FAST, "val_fraction": 0.5})
+    config = config.replace(provenance={"data_checksum": "0" * 16, "best_epoch": 1})
+    settings = final_stage.FinalSettings(out=tmp_path / "run", cpus=2, device="cpu")
     with pytest.raises(DataError, match="the config was searched on data with checksum 0000"):
         final_stage.train_final(config, archive, settings)
     assert not settings.out.exists()
-    config = config.replace(provenance={"data_checksum": archive.checksum()})
+    config = config.replace(provenance={"data_checksum": archive.checksum(), "best_epoch": 1})
     result = final_stage.train_final(config, archive, settings)
     assert result.submission == tmp_path / "run" / "submission.csv" and result.scores is None
     n_test = len(archive.test_images)
     assert read_submission(result.submission, n_rows=n_test).shape == (n_test, 64, 128)
     assert len(load_models(result.model)[1]) == 1 and result.report.is_file()
-    assert result.config.max_epochs == 1 and result.config.val_fraction == 0
+    assert result.config.max_epochs == 2 and result.config.val_fraction == 0
+    assert "2 epochs (search best epoch 1 / (1 - val_fraction 0.5))" in result.report.read_text()
     with pytest.raises(DataError, match=r"submission\.csv exists; pass --force"):
         final_stage.train_final(config, archive, settings)
 

@@ -263,11 +263,28 @@ def test_hmsa_fuses_two_scales_in_training_and_its_scale_set_at_inference(labell
     assert set(BASES) <= set(ARCHITECTURES) and not {"hmsa", "hunet"} & set(BASES)
     assert all(1.0 in parse_scales(choice) for choice in SCALE_SETS)
     assert TRAIN_SCALES == (1.0, 0.5)
-    model = build_model("hmsa", base="segnet", scales="1.0").eval()
-    with torch.no_grad():  # one scale: the base alone, the attention has nothing to weigh
-        assert torch.equal(model(images[:1]), model.base(images[:1]))
-        model.inference_scales = parse_scales("0.5,1.0,2.0")
-        assert model(images[:1]).shape == (1, NUM_CLASSES, *IMAGE_SHAPE)
+    model = build_model("hmsa", base="segnet", scales="1.0")
+    with torch.no_grad():
+        # BatchNorm statistics of real images: with its initial ones an untrained base's
+        # logits are one constant at every scale, which no fusion could tell apart.
+        model.train()(images)
+        # One scale: the base alone, the attention has nothing to weigh.
+        single = model.eval()(images[:1])
+        assert torch.equal(single, model.base(images[:1]))
+    # The base runs once per configured scale, at that scale's size, largest first; the
+    # fused logits are not the single scale's. Guards against scales that are ignored.
+    wide = build_model("hmsa", base="segnet", scales="0.5,1.0,2.0")
+    wide.load_state_dict(model.state_dict())  # the same weights, another scale set
+    seen = []
+    wide.base.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        wide.eval()
+        fused = wide(images[:1])
+    assert seen == [(128, 256), (64, 128), (32, 64)]
+    assert fused.shape == (1, NUM_CLASSES, *IMAGE_SHAPE) and not torch.allclose(fused, single)
+    seen.clear()
+    wide.train()(images[:2])
+    assert seen == [(64, 128), (32, 64)]  # training always fuses 1.0 and 0.5
 
 
 @pytest.mark.parametrize(("output_stride", "deep_size"), [(8, (8, 16)), (16, (4, 8))])

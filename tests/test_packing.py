@@ -11,6 +11,7 @@ from benchmarks.packing import aggregate, fits_memory, recommend
 from marsseg.config import TrainConfig
 from marsseg.errors import SearchError
 from marsseg.models import list_models
+from marsseg.train import memory
 from marsseg.train.memory import run_steps, training_memory
 from search import packing
 from search.packing import (
@@ -61,8 +62,11 @@ def test_training_memory_is_none_on_cpu():
     assert training_memory(TrainConfig(), images=64, device="cpu") is None
 
 
-def test_measured_steps_run_the_real_training_path_on_cpu():
-    """What the GPU probe runs, on the CPU: distance maps and class weights included."""
+def test_measured_steps_run_the_real_training_path_on_cpu(monkeypatch):
+    """What the GPU probe runs, on the CPU: `steps` training steps at the config's batch size,
+    distance maps and class weights included, then a validation pass. Guards against a probe
+    that measures less than a trial holds (fewer steps or batches, no distance maps, no
+    validation): the test ran it without checking any of that."""
     config = TrainConfig.from_dict(
         {
             "model": {"name": "segformer", "knobs": {"embed_dim": 16, "blocks_per_stage": 1}},
@@ -70,7 +74,27 @@ def test_measured_steps_run_the_real_training_path_on_cpu():
             "batch_size": 2,
         }
     )
+    steps, validated = [], []
+    train_epoch, predict_logits = memory.train_epoch, memory.predict_logits
+
+    def training(model, criterion, optimizer, batches, *args, **kwargs):
+        def recorded():
+            for images, masks, dist in batches:
+                weighted = criterion.class_weights is not None
+                steps.append((tuple(images.shape), tuple(dist.shape), weighted))
+                yield images, masks, dist
+
+        return train_epoch(model, criterion, optimizer, recorded(), *args, **kwargs)
+
+    def validation(model, images, *args, **kwargs):
+        validated.append(len(images))
+        yield from predict_logits(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(memory, "train_epoch", training)
+    monkeypatch.setattr(memory, "predict_logits", validation)
     run_steps(config, images=3, device=torch.device("cpu"), steps=2)
+    assert steps == [((2, 1, 64, 128), (2, 4, 64, 128), True)] * 2
+    assert validated == [3]
 
 
 def test_worst_case_is_every_architecture_at_batch_64_with_distance_maps():

@@ -151,7 +151,11 @@ def test_ema_follows_the_model_with_warmup_and_averages_batchnorm_statistics():
 def test_ema_is_what_is_validated_and_returned_and_differs_from_the_raw_weights(
     small_archive, tmp_path
 ):
+    """Guards against an average that is never updated: it stays a copy of the initial
+    weights, which also differs from the raw ones, so every weight must have moved."""
     cfg = config(ema_decay=0.9, scheduler={"kind": "onecycle"})
+    torch.manual_seed(cfg.seed)  # as `fit` builds its model
+    initial = cfg.model.build().state_dict()
     raw = {}
     result = fit(
         cfg,
@@ -163,6 +167,8 @@ def test_ema_is_what_is_validated_and_returned_and_differs_from_the_raw_weights(
     )
     returned = result.model.state_dict()
     assert any(not torch.equal(returned[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    moved = [not torch.equal(returned[k], initial[k]) for k in raw if raw[k].is_floating_point()]
+    assert all(moved), f"{moved.count(False)} of {len(moved)} averaged tensors never moved"
     data = prepare_data(cfg, small_archive, tmp_path)
     criterion = CombinedLoss(cfg.loss)
     _, scores = evaluate(result.model, criterion, data, torch.device("cpu"))
@@ -172,6 +178,8 @@ def test_ema_is_what_is_validated_and_returned_and_differs_from_the_raw_weights(
 def test_ema_and_onecycle_resume_exactly(small_archive, tmp_path):
     cfg = config(ema_decay=0.95, scheduler={"kind": "onecycle"}, max_epochs=4, oversample=2.5)
     uninterrupted = fit(cfg, small_archive, cache_dir=tmp_path / "cache").history
+    # The validated average moves every epoch (a frozen one would score the same each time).
+    assert len({m["val_loss"] for m in uninterrupted}) == len(uninterrupted)
     resumed = resumed_after(cfg, small_archive, tmp_path, epoch=2)
     assert [m["epoch"] for m in resumed] == [3, 4]
     assert without_timing(resumed) == without_timing(uninterrupted[2:])

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pandas as pd
@@ -29,10 +30,15 @@ from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
 from marsseg.errors import ConfigError
 from marsseg.train import fit
-from search.experiment import STUDY_FILE, TIMELINE
+from marsseg.train.keys import EPOCH, IOU_KEYS, VAL_MIOU
+from search.asha import ASHA_STATE
+from search.experiment import STUDY_FILE, TIMELINE, Experiment, SearchSettings
+from search.final import final_epochs
 from search.optuna_searcher import PruningOptunaSearch
+from search.results import LiveLeaderboard, best_first, summarise_trial, with_provenance
 from search.run import main as search_main
 from search.run import parse_args
+from search.storage import Storage
 from search.timeline import read_timeline, summarise_timeline
 from search.trainable import CHECKPOINT_FILE, PANEL_TAG
 from spaces import get_space
@@ -152,6 +158,53 @@ def test_reference_space_runs_the_recipe(ray_env, tiny_archive, tmp_path):
     assert best == preset("reference").replace(max_epochs=1)
 
 
+def _epochs(scores: list[float]) -> pd.DataFrame:
+    """A trial's per-epoch results, each class's IoU half the epoch's mIoU."""
+    rows = [{EPOCH: e, VAL_MIOU: s} for e, s in enumerate(scores, start=1)]
+    return pd.DataFrame([{**r, **{k: r[VAL_MIOU] / 2 for k in IOU_KEYS.values()}} for r in rows])
+
+
+def test_trials_rank_by_their_best_epoch_which_search_final_scales(tmp_path):
+    """A trial scores its best epoch, not its last, and that epoch is what the exported config
+    hands `search.final` to scale. Guards against ranking and exporting by the last epoch."""
+    base = TrainConfig()
+    peaked = summarise_trial("peaked", {}, base, _epochs([0.5, 0.9, 0.6]), {}, "complete")
+    steady = summarise_trial("steady", {}, base, _epochs([0.7, 0.75, 0.8]), {}, "complete")
+    assert [s.trial_id for s in best_first([steady, peaked])] == ["peaked", "steady"]
+    assert (peaked.best_epoch, peaked.epochs) == (2, 3)
+    assert peaked.scores == {VAL_MIOU: 0.9, **{k: 0.45 for k in IOU_KEYS.values()}}
+    experiment = Experiment("x", Storage(str(tmp_path), shared=False), base, SearchSettings())
+    config = with_provenance(peaked, experiment).replace(val_fraction=0.2)
+    assert (config.provenance["best_epoch"], config.provenance["val_miou"]) == (2, 0.9)
+    assert final_epochs(config, None)[0] == 3  # 2 / (1 - 0.2), rounded up
+    assert final_epochs(config, 7)[0] == 7
+
+
+def test_live_leaderboard_is_written_as_results_arrive(tmp_path, monkeypatch):
+    """The leaderboard ranks the trials as they report, not only once they end. Guards against
+    a callback that writes it only when a trial ends (or the search does)."""
+    board = LiveLeaderboard(tmp_path, TrainConfig())
+    trial_a, trial_b = (SimpleNamespace(trial_id=t, config={}) for t in ("a", "b"))
+
+    def report(trial, epoch: int, score: float) -> pd.DataFrame:
+        result = {EPOCH: epoch, VAL_MIOU: score, **{k: score for k in IOU_KEYS.values()}}
+        board.on_trial_result(epoch, [], trial, {**result, "finished": False})
+        return pd.read_csv(tmp_path / "leaderboard.csv", dtype={"trial": str})
+
+    shown = report(trial_a, 1, 0.3)  # the first result is written at once
+    assert shown[["trial", "epochs", "val_miou", "status"]].values.tolist() == [
+        ["a", 1, 0.3, "running"]
+    ]
+    monkeypatch.setattr("search.results.LIVE_WRITE_S", 0.0)  # then at most this often
+    shown = report(trial_b, 1, 0.5)
+    assert shown["trial"].tolist() == ["b", "a"]
+    shown = report(trial_a, 2, 0.7)
+    assert shown[["trial", "epochs", "best_epoch"]].values.tolist() == [["a", 2, 2], ["b", 1, 1]]
+    board.on_trial_complete(2, [], trial_b)
+    shown = pd.read_csv(tmp_path / "leaderboard.csv", dtype={"trial": str})
+    assert shown["status"].tolist() == ["running", "stopped"]
+
+
 def _epochs_per_trial(experiment: Path) -> dict[str, list[int]]:
     runs = {}
     for result in experiment.glob("train_trial_*/result.json"):
@@ -207,6 +260,14 @@ def test_interrupted_search_resumes_from_an_empty_driver_folder(tiny_archive, tm
         study = optuna.load_study(study_name="r", storage=f"sqlite:///{study_file}")
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
         assert len([t for t in finished if t.state != optuna.trial.TrialState.FAIL]) == 6
+    # ASHA went on from the rungs the first head recorded (its state came with the driver
+    # files): every trial is recorded at the first rung, also those that ended before the
+    # interruption, and the trials it stopped are the ones that ended short of the last epoch.
+    rungs = json.loads((second / "experiments" / "r" / ASHA_STATE).read_text())
+    trials = pd.read_csv(second / "experiments" / "r" / "leaderboard.csv", dtype={"trial": str})
+    first_rung = next(r["recorded"] for r in rungs["rungs"] if r["milestone"] == 1)
+    assert set(first_rung) == set(trials["trial"])
+    assert set(rungs["stopped"]) == set(trials.loc[trials["epochs"] < 3, "trial"])
 
 
 def _closed_port() -> int:

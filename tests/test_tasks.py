@@ -14,6 +14,7 @@ from marsseg.config import TrainConfig
 from marsseg.data import archive_from_arrays
 from marsseg.data.synthetic import generate
 from marsseg.errors import CheckpointError, ConfigError
+from search import tasks
 from search.runstore import RunStore
 from search.tasks import Run, train_runs
 
@@ -40,12 +41,22 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def test_tasks_that_report_epochs_keep_their_cpu(ray_env, tmp_path, capsys):
+def test_tasks_that_report_epochs_keep_their_cpu(ray_env, tmp_path, capsys, monkeypatch):
     """Three 1-CPU runs on 2 CPUs: never three at once (a task blocked in `ray.get` lends its
-    CPU to the queue), and every epoch line of a run is printed before its result comes back.
+    CPU to the queue), and every epoch line of a run is printed while the run goes on, all of
+    them before its result comes back (not only once it has ended: a driver that waited for a
+    task to end before printing its lines would pass the second check alone).
 
     Each run lasts 8 s: longer than a new Ray worker takes to start and import the project, so
     a lent CPU would have the queued run going beside the other two."""
+    printed_at: dict[str, float] = {}
+    write = tasks.tqdm.write
+
+    def timed(line, *args, **kwargs):
+        printed_at.setdefault(line.split("  epoch")[0], time.time())  # a run's first line
+        write(line, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.tqdm, "write", staticmethod(timed))
     ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False)
     s = generate(n_train=8, n_test=1, seed=0, n_aliens=0)
@@ -65,6 +76,9 @@ def test_tasks_that_report_epochs_keep_their_cpu(ray_env, tmp_path, capsys):
     assert results == {seed: {"seed": seed} for seed in range(3)}
     intervals = [tuple(json.loads((tmp_path / f"{seed}.json").read_text())) for seed in range(3)]
     assert most_at_once(intervals) == 2, intervals
+    for seed, (start, end) in enumerate(intervals):
+        # Epoch 1 ends 0.4 s in and the driver polls every second; the run lasts 8 s.
+        assert printed_at[f"run {seed}"] < (start + end) / 2, (seed, start, end, printed_at)
 
 
 def test_a_run_store_keeps_results_and_refuses_another_plan(tmp_path):

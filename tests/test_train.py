@@ -18,6 +18,8 @@ from marsseg.metrics import score_masks
 from marsseg.predict import load_models, predict_masks
 from marsseg.train import EPOCH_METRICS, evaluate, fit, prepare_data
 from marsseg.train.__main__ import main as train_main
+from marsseg.train.batches import Batches
+from marsseg.train.loop import train_epoch
 from marsseg.train.state import read_checkpoint
 
 
@@ -80,6 +82,39 @@ def test_same_seed_same_metrics_on_cpu(small_archive, tmp_path):
     assert first == second
     other = without_timing(run(config.replace(seed=1), small_archive, tmp_path)[1])
     assert other != first
+
+
+def test_online_augmentation_changes_the_batches_and_draws_anew_each_epoch(small_archive, tmp_path):
+    """What `fit` trains on: `intensity` augments every image, `photometric` adds its ops, and
+    each epoch draws new augmentations (a rerun of an epoch the same ones); `random_flip` flips
+    some images with their masks. Guards against the online pipeline being off in the batch
+    loader, re-seeded alike every epoch, and the random flip being skipped."""
+    plan = np.arange(32)  # two batches of 16, in plan order
+
+    def batches(epoch: int, **augment) -> tuple[torch.Tensor, torch.Tensor]:
+        config = small_config(val_fraction=0.0, augment={"preset": "none", **augment})
+        data = prepare_data(config, small_archive, tmp_path / "cache")
+        drawn = list(Batches(data, config, torch.device("cpu"), workers=0).epoch(plan, epoch))
+        return torch.cat([b[0][:, 0] for b in drawn]), torch.cat([b[1] for b in drawn])
+
+    def changed(a: torch.Tensor, b: torch.Tensor) -> int:
+        return sum(not torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    raw_images, raw_masks = batches(0)
+    assert torch.equal(raw_images, torch.from_numpy(small_archive.images[plan]))
+    first, again, second = (batches(e, intensity=0.5)[0] for e in (0, 0, 1))
+    assert changed(first, raw_images) == len(plan)
+    assert torch.equal(first, again)
+    assert changed(first, second) == len(plan)
+    assert changed(batches(0, intensity=0.5, photometric=True)[0], first) == len(plan)
+
+    torch.manual_seed(0)  # `fit` seeds torch every epoch; the flip draws from it
+    images, masks = batches(0, random_flip=True)
+    flipped = [torch.equal(i, r.flip(-1)) for i, r in zip(images, raw_images, strict=True)]
+    assert 0 < sum(flipped) < len(plan)
+    for i, flip in enumerate(flipped):
+        assert torch.equal(images[i], raw_images[i].flip(-1) if flip else raw_images[i])
+        assert torch.equal(masks[i], raw_masks[i].flip(-1) if flip else raw_masks[i])
 
 
 def test_resume_after_epoch_two_matches_an_uninterrupted_run(small_archive, tmp_path):
@@ -157,16 +192,26 @@ def test_cli_trains_the_reference_preset_and_resumes(tmp_path, capsys):
     assert "resuming from" in capsys.readouterr().out
 
 
-def test_deep_supervision_adds_the_coarse_stages_loss(small_archive, tmp_path):
-    """hunet's `deep_supervision` weight must change training: the loop adds its aux loss."""
+def test_deep_supervision_trains_the_coarse_stage_on_its_own_loss(labelled_batch):
+    """hunet's `deep_supervision` loss is part of what a training step descends, not only of
+    the loss it reports: one step from the same weights moves the coarse stage differently
+    with it than without. Guards against the loop adding the auxiliary loss detached."""
+    images, masks = labelled_batch
     knobs = {"stages": 2, "depth": 2, "coarse_channels": 8, "refine_channels": 8}
-    losses = []
+    coarse, losses = [], []
     for weight in (0.0, 1.0):
-        config = small_config(
-            max_epochs=1, model={"name": "hunet", "knobs": {**knobs, "deep_supervision": weight}}
+        model_config = {"name": "hunet", "knobs": {**knobs, "deep_supervision": weight}}
+        config = small_config(model=model_config)
+        torch.manual_seed(0)
+        model = config.model.build()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss, _, _ = train_epoch(
+            model, CombinedLoss(config.loss), optimizer, iter([(images, masks, None)]), 0, None
         )
-        losses.append(run(config, small_archive, tmp_path)[1][0]["train_loss"])
+        losses.append(loss)
+        coarse.append(model.stages[0].classifier.weight.detach().clone())
     assert losses[1] > losses[0]
+    assert not torch.allclose(coarse[1], coarse[0], rtol=0, atol=1e-4)
 
 
 def _truncate(path) -> None:
