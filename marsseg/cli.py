@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from marsseg.checks import check_number
 from marsseg.errors import ConfigError, MarsSegError
 
 
@@ -27,58 +27,26 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(" ".join(message.split()))
 
 
-def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
-    parts = []
-    if low is not None:
-        parts.append(f"{'>' if low_open else '>='} {low:g}")
-    if high is not None:
-        parts.append(f"{'<' if high_open else '<='} {high:g}")
-    return " and ".join(parts)
+def _flag_type(convert: Callable[[str], float], name: str, **rule: Any) -> Callable[[str], Any]:
+    """An argparse `type` that converts the text and applies `check_number`'s rule to it."""
 
+    def parse(text: str) -> Any:
+        try:
+            value: object = convert(text)
+        except ValueError:
+            value = text
+        try:
+            return check_number(value, "value", **rule)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("value ")) from None
 
-def check_number(
-    value: object,
-    what: str,
-    *,
-    integer: bool = False,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """`value` if it is a finite number (an integer with `integer`) in the range; else a
-    `ConfigError` naming `what`, the rule and the value. The one numeric rule for flags (through
-    `integer_flag`/`number_flag`) and for settings read from files."""
-    kind = "an integer" if integer else "a finite number"
-    rule = _range_text(low, high, low_open, high_open)
-    wrong = (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (integer and not isinstance(value, int))
-        or not math.isfinite(value)
-        or (low is not None and (value <= low if low_open else value < low))
-        or (high is not None and (value >= high if high_open else value > high))
-    )
-    if wrong:
-        raise ConfigError(f"{what} must be {kind}{' ' + rule if rule else ''}, got {value!r}")
-    return value
+    parse.__name__ = name  # what argparse would call the type in a message
+    return parse
 
 
 def integer_flag(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
     """An argparse `type`: an integer in [low, high]; anything else is refused, naming the flag."""
-
-    def parse(text: str) -> int:
-        try:
-            value: object = int(text)
-        except ValueError:
-            value = text
-        try:
-            return int(check_number(value, "value", integer=True, low=low, high=high))
-        except ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err).removeprefix("value ")) from None
-
-    parse.__name__ = "integer"
-    return parse
+    return _flag_type(int, "integer", integer=True, low=low, high=high)
 
 
 def number_flag(
@@ -89,21 +57,7 @@ def number_flag(
     high_open: bool = False,
 ) -> Callable[[str], float]:
     """An argparse `type`: a finite number in the range (NaN and infinities refused)."""
-
-    def parse(text: str) -> float:
-        try:
-            value: object = float(text)
-        except ValueError:
-            value = text
-        try:
-            return check_number(
-                value, "value", low=low, high=high, low_open=low_open, high_open=high_open
-            )
-        except ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err).removeprefix("value ")) from None
-
-    parse.__name__ = "number"
-    return parse
+    return _flag_type(float, "number", low=low, high=high, low_open=low_open, high_open=high_open)
 
 
 SEED = integer_flag(0)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 from torch import nn
 
+from marsseg.checks import check_number
 from marsseg.classes import BACKGROUND, NUM_CLASSES, SCORED_CLASSES
 from marsseg.errors import ConfigError
 
@@ -64,9 +65,11 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         for name in (*(f"{term}_weight" for term in LOSS_TERMS), "boundary_ramp", "focal_gamma"):
-            _check_number(name, getattr(self, name), low=0.0)
-        _check_number("region_floor", self.region_floor, low=0.0, high=1.0)
-        _check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
+            check_number(getattr(self, name), f"loss.{name}", low=0.0)
+        check_number(self.region_floor, "loss.region_floor", low=0.0, high=1.0)
+        check_number(
+            self.label_smoothing, "loss.label_smoothing", low=0.0, high=1.0, high_open=True
+        )
         _check_scheme(self.class_weights)
         _check_cap(self.class_weight_cap)
         if not isinstance(self.generalized_dice, bool):
@@ -131,24 +134,9 @@ def _check_scheme(scheme: str) -> None:
 
 
 def _check_cap(cap: float) -> None:
-    _check_number("class_weight_cap", cap, low=-math.inf)
+    check_number(cap, "loss.class_weight_cap")
     if cap != 0 and cap < 1:
         raise ConfigError(f"loss.class_weight_cap must be >= 1, got {cap!r} (0 turns the cap off)")
-
-
-def _check_number(
-    name: str, value: object, *, low: float, high: float = math.inf, high_open: bool = False
-) -> None:
-    """Raise a one-line `ConfigError` naming `loss.<name>` unless `value` lies in the range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"loss.{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"loss.{name} must be finite, got {value!r}")
-    if value < low:
-        raise ConfigError(f"loss.{name} must be >= {low:g}, got {value!r}")
-    if value > high or (high_open and value == high):
-        bound = "<" if high_open else "<="
-        raise ConfigError(f"loss.{name} must be {bound} {high:g}, got {value!r}")
 
 
 def class_weights_from_masks(masks: np.ndarray, scheme: str, cap: float = 0.0) -> torch.Tensor:

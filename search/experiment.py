@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from marsseg.cli import check_number
+from marsseg.checks import check_number
 from marsseg.config import TrainConfig
 from marsseg.errors import ConfigError, SearchError
 from marsseg.fileio import atomic_path

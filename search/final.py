@@ -80,7 +80,7 @@ from marsseg.predict import (
 )
 from marsseg.report import write_report
 from marsseg.submission import submission_bytes
-from marsseg.train import fit, prepare_data, resolve_device
+from marsseg.train import fit, resolve_device
 from marsseg.train.loop import OnEpoch
 from marsseg.train.progress import print_epochs
 from search.capacity import start_ray
@@ -89,6 +89,7 @@ from search.tasks import (
     Failures,
     Run,
     add_resource_flags,
+    fit_split,
     train_runs,
 )
 
@@ -241,15 +242,7 @@ def train_fold(
     """One fold (a Ray task, continued from `checkpoint` when given): its best weights on the
     CPU, its history, and its out-of-fold probabilities (N_val, 5, H, W) float16, flip-averaged
     with `tta` as the test set will be."""
-    data = prepare_data(config, archive, split=split)
-    result = fit(
-        config,
-        data,
-        num_threads=threads,
-        workers=workers,
-        on_epoch=on_epoch,
-        checkpoint=checkpoint or None,
-    )
+    data, result = fit_split(config, archive, split, threads, workers, on_epoch, checkpoint)
     model = result.model
     device = next(model.parameters()).device
     images = data.val_images

@@ -29,7 +29,7 @@ from marsseg.cli import GPUS, add_cpus_flag, torch_threads
 from marsseg.config import TrainConfig
 from marsseg.data import MarsArchive
 from marsseg.errors import MarsSegError, kind_and_first_line
-from marsseg.train import EpochState, fit, prepare_data
+from marsseg.train import EpochState, FitResult, PreparedData, fit, prepare_data
 from marsseg.train.keys import EPOCH, EPOCH_TIME_S, SCORE_KEYS
 from marsseg.train.loop import OnEpoch
 from marsseg.train.progress import epoch_line
@@ -132,6 +132,29 @@ class EpochReporter:
         self.last_epoch = epoch
 
 
+def fit_split(
+    config: TrainConfig,
+    archive: MarsArchive,
+    split: tuple[np.ndarray, np.ndarray],
+    threads: int,
+    workers: int = 0,
+    on_epoch: OnEpoch | None = None,
+    checkpoint: Sequence[Path] | None = None,
+) -> tuple[PreparedData, FitResult]:
+    """`config` trained on the (train, val) `split` of `archive`, continued from `checkpoint`
+    (newest first) when given: what every task stage's run does, before what it keeps."""
+    data = prepare_data(config, archive, split=split)
+    result = fit(
+        config,
+        data,
+        num_threads=threads,
+        workers=workers,
+        on_epoch=on_epoch,
+        checkpoint=checkpoint or None,
+    )
+    return data, result
+
+
 def train_one(
     config: TrainConfig,
     archive: MarsArchive,
@@ -144,15 +167,7 @@ def train_one(
 ) -> dict[str, Any]:
     """One config with one seed: its scores at its best epoch (the weights it would keep)."""
     start = time.perf_counter()
-    data = prepare_data(config, archive, split=split)
-    result = fit(
-        config,
-        data,
-        num_threads=threads,
-        workers=workers,
-        on_epoch=on_epoch,
-        checkpoint=checkpoint or None,
-    )
+    _, result = fit_split(config, archive, split, threads, workers, on_epoch, checkpoint)
     best = next(row for row in result.history if row[EPOCH] == result.best_epoch)
     return {
         **{key: best[key] for key in SCORES},

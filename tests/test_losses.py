@@ -368,19 +368,25 @@ def test_loss_config_defaults_are_the_reference_recipe():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"dice_weight": -1.0}, "loss.dice_weight must be >= 0, got -1.0"),
-        ({"boundary_ramp": float("nan")}, "loss.boundary_ramp must be finite"),
-        ({"ce_weight": "1"}, "loss.ce_weight must be a number"),
-        ({"label_smoothing": 1.0}, "loss.label_smoothing must be < 1"),
-        ({"region_floor": 1.5}, "loss.region_floor must be <= 1"),
+        ({"dice_weight": -1.0}, "loss.dice_weight must be a finite number >= 0, got -1.0"),
+        (
+            {"boundary_ramp": float("nan")},
+            "loss.boundary_ramp must be a finite number >= 0, got nan",
+        ),
+        ({"ce_weight": "1"}, "loss.ce_weight must be a finite number >= 0, got '1'"),
+        ({"label_smoothing": 1.0}, "loss.label_smoothing must be a finite number >= 0 and < 1"),
+        ({"region_floor": 1.5}, "loss.region_floor must be a finite number >= 0 and <= 1"),
         ({"class_weights": "median"}, "loss.class_weights must be one of none, inverse"),
         ({"ce_weight": 0.0}, "every term weight is 0"),
         ({"ce_weight": 0.0}, "loss.focal_weight or loss.lovasz_weight)"),
-        ({"lovasz_weight": -0.5}, "loss.lovasz_weight must be >= 0, got -0.5"),
+        ({"lovasz_weight": -0.5}, "loss.lovasz_weight must be a finite number >= 0, got -0.5"),
         ({"class_weight_cap": 0.5}, "loss.class_weight_cap must be >= 1, got 0.5"),
         ({"class_weight_cap": -1}, "loss.class_weight_cap must be >= 1, got -1"),
-        ({"class_weight_cap": float("nan")}, "loss.class_weight_cap must be finite"),
-        ({"class_weight_cap": "x"}, "loss.class_weight_cap must be a number, got 'x'"),
+        (
+            {"class_weight_cap": float("nan")},
+            "loss.class_weight_cap must be a finite number, got nan",
+        ),
+        ({"class_weight_cap": "x"}, "loss.class_weight_cap must be a finite number, got 'x'"),
     ],
 )
 def test_bad_loss_config_names_the_field(fields, message):

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The real-data campaign on ai4mars64 (issue 27), one stage after another, each resumable:
+#   a. search     marsseg_budget space, 1500 images, 12-epoch schedules, ASHA grace 3, 40 trials
+#   b. export     the search's top-5 MarsSeg configs and its plots
+#   c. compare    the best MarsSeg config against preset:plain, one split, 2 seeds, 20 epochs
+#   d. final      that config as a 5-fold ensemble, 30 epochs, flip TTA, calibrated decoding
+#
+# Rerun it after any stop (a session's end, Ctrl-C, a reboot): a finished stage is skipped (its
+# marker in $CAMPAIGN/done/), an unfinished one continues from its checkpoints (search.run
+# resumes its experiment, compare and final their runs). Everything it makes lives in $CAMPAIGN
+# (default ~/marsseg-campaign), outside the work tree, which is laid anew each session; the
+# project is installed there in its own venv, from this checkout, each time the script starts.
+# `campaign.sh collect` copies the finished stages' small results into results/ai4mars64/.
+#
+#   nohup bash results/ai4mars64/campaign.sh >> ~/marsseg-campaign/campaign.log 2>&1 &
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+campaign=${MARSSEG_CAMPAIGN:-$HOME/marsseg-campaign}
+data=${MARSSEG_DATA:-$(cd "$repo/.." && pwd)/shared/data/ai4mars64.npz}
+name=ai4mars64-budget
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+python=$campaign/venv/bin/python
+mkdir -p "$campaign/done" "$campaign/results"
+
+install() {
+    # A copy of the project, not an editable install: Ray workers started later in a stage must
+    # run the code the stage started with, whatever happens to the checkout meanwhile.
+    if [ ! -x "$python" ]; then
+        python3 -m venv "$campaign/venv"
+        "$python" -m pip install -q --upgrade pip
+        "$python" -m pip install -q torch==2.13.0
+        "$python" -m pip install -q -c "$repo/constraints/cluster.txt" "$repo"
+    else
+        "$python" -m pip install -q --no-deps --force-reinstall "$repo"
+    fi
+}
+
+stage() {  # stage NAME COMMAND...: run it unless done; log its start, end and exit status
+    local stage_name=$1
+    shift
+    if [ -e "$campaign/done/$stage_name" ]; then
+        echo "campaign: $stage_name done earlier ($(cat "$campaign/done/$stage_name"))"
+        return 0
+    fi
+    local start
+    start=$(date +%s)
+    echo "campaign: $stage_name starts $(date -u +%FT%TZ) on $(hostname), $(nproc) CPUs, commit $(git -C "$repo" rev-parse --short HEAD)"
+    echo "campaign: $stage_name: $*"
+    (cd "$campaign" && "$@")
+    local took=$(( $(date +%s) - start ))
+    echo "finished $(date -u +%FT%TZ) after ${took}s of this run, commit $(git -C "$repo" rev-parse --short HEAD)" \
+        > "$campaign/done/$stage_name"
+    echo "campaign: $stage_name $(cat "$campaign/done/$stage_name")"
+}
+
+best=$campaign/results/search-budget/best_config.yaml
+
+run_all() {
+    install
+    stage search "$python" -m search.run --data "$data" --space marsseg_budget \
+        --limit-images 1500 --max-epochs 12 --grace-period 3 --reduction-factor 3 \
+        --num-samples 40 --time-budget 14400 --cpus-per-trial 1 --max-concurrent 2 \
+        --no-reference-trial --storage "$campaign/experiments" --name "$name"
+    stage export "$python" -m search.export --name "$name" --storage "$campaign/experiments" \
+        --arch marsseg --top-k 5 --out "$campaign/results/search-budget"
+    stage compare "$python" -m search.compare --data "$data" --max-epochs 20 --seeds 0 1 \
+        --cpus-per-trial 1 --candidate plain=preset:plain --candidate "marsseg-search=$best" \
+        --out "$campaign/results/comparison"
+    stage final "$python" -m search.final --config "$best" --data "$data" --folds 5 \
+        --max-epochs 30 --cpus-per-trial 1 --compress --out "$campaign/results/final"
+}
+
+collect() {
+    # The small results of the finished stages, for git; never checkpoints or model files.
+    local out=$repo/results/ai4mars64
+    mkdir -p "$out/campaign"
+    cp "$campaign"/done/* "$out/campaign/" 2>/dev/null || true
+    if [ -e "$campaign/done/export" ]; then
+        mkdir -p "$out/search-budget"
+        cp "$campaign"/results/search-budget/*.yaml "$campaign"/results/search-budget/*.csv \
+            "$out/search-budget/"
+        cp -r "$campaign/results/search-budget/plots" "$out/search-budget/" 2>/dev/null || true
+    fi
+    local compare=$campaign/results/comparison
+    if [ -e "$compare/runs.csv" ]; then
+        mkdir -p "$out/comparison-budget"
+        cp "$compare"/runs.csv "$out/comparison-budget/"
+        cp "$compare"/comparison.* "$out/comparison-budget/" 2>/dev/null || true
+    fi
+    local final=$campaign/results/final
+    if [ -e "$campaign/done/final" ]; then
+        cp "$final"/report.md "$final"/*.png "$final"/submission.csv.gz "$out/"
+    fi
+    echo "campaign: collected into $out"
+}
+
+case ${1:-run} in
+    run) run_all ;;
+    collect) collect ;;
+    *) echo "usage: $0 [run|collect]" >&2; exit 2 ;;
+esac
