@@ -118,7 +118,13 @@ def decode_probabilities(
     offsets = decoding_offsets(offsets)
     out = np.empty((len(probs), *probs.shape[2:]), dtype=np.uint8)
     for start in range(0, len(probs), DECODE_IMAGES):
-        chunk = torch.as_tensor(probs[start : start + DECODE_IMAGES]).float()
+        window = probs[start : start + DECODE_IMAGES]
+        # float32 copies of a NumPy window: arrays from Ray's object store are read-only
+        chunk = (
+            torch.from_numpy(window.astype(np.float32))
+            if isinstance(window, np.ndarray)
+            else window.float()
+        )
         scores = chunk if offsets is None else apply_offsets(chunk, offsets)
         out[start : start + len(chunk)] = decode(scores, metric_aware=metric_aware).cpu().numpy()
     return out

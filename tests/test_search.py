@@ -283,8 +283,11 @@ def _closed_port() -> int:
         (["--space", "nope"], "unknown search space 'nope'"),
         (["--address", f"127.0.0.1:{_closed_port()}"], "cannot reach a Ray cluster at 127.0.0.1"),
         (["--gpus-per-trial", "2"], "--gpus-per-trial 2 is more than any node has"),
-        (["--num-samples", "0"], "--num-samples must be >= 1"),
-        (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
+        (["--num-samples", "0"], "argument --num-samples: must be an integer >= 1, got 0"),
+        (
+            ["--checkpoint-every", "0"],
+            "argument --checkpoint-every: must be an integer >= 1, got 0",
+        ),
         (["--resume"], "--resume needs --name"),
     ],
 )
@@ -311,7 +314,7 @@ def test_unwritable_storage_and_bad_archive(tiny_archive, tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"junk")
     assert run_cli(search_main, ["--data", str(bad), "--storage", str(tmp_path)]) == 2
-    assert "not a readable NumPy .npz archive" in capsys.readouterr().err
+    assert "bad.npz is not a NumPy .npz archive" in capsys.readouterr().err
 
 
 def test_config_file_supplies_flags(tmp_path, capsys):
@@ -334,7 +337,7 @@ def test_config_file_reads_yaml_12_numbers(tmp_path):
     args, _ = parse_args(["--config", str(config)])
     assert (args.time_budget, args.reduction_factor) == (3600.0, 3.0)
     config.write_text("num-samples: 1e1\n")
-    with pytest.raises(ConfigError, match=r"invalid int value: '10\.0'"):
+    with pytest.raises(ConfigError, match=r"--num-samples: must be an integer >= 1, got '10\.0'"):
         parse_args(["--config", str(config)])
 
 
