@@ -249,10 +249,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
 
 def _settings_file_values(path: str) -> dict[str, Any]:
     """The flags a `--settings` YAML file sets, parsed as if given on the command line."""
+    if Path(path).is_dir():
+        raise ConfigError(f"--settings {path} is a folder, not a settings file")
     try:
         values = read_yaml_mapping(path, "flag names to values", empty_ok=True)
     except OSError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"settings file not found: {path}") from None
     argv = []
     for key, value in values.items():
         flag = f"--{str(key).replace('_', '-')}"

@@ -377,6 +377,14 @@ def _(p, mp):
     return Case(final_stage.main, argv, f"{folder} is a folder, not a config file")
 
 
+@case("run: a folder as --settings")
+def _(p, mp):
+    folder = p.root / "settings"
+    folder.mkdir()
+    argv = ["--settings", str(folder)]
+    return Case(search_run.main, argv, f"--settings {folder} is a folder, not a settings file")
+
+
 @case("predict: a folder as --out is not a --force matter")
 def _(p, mp):
     folder = p.root / "subs"

@@ -117,6 +117,24 @@ def test_online_augmentation_changes_the_batches_and_draws_anew_each_epoch(small
         assert torch.equal(masks[i], raw_masks[i].flip(-1) if flip else raw_masks[i])
 
 
+def test_fit_asks_the_batch_loader_for_each_epoch_by_its_index(
+    small_archive, tmp_path, monkeypatch
+):
+    """`fit` must hand every epoch's index to the loader, which seeds that epoch's online
+    augmentation from it: a loop that passed a fixed epoch would redraw epoch 0's every time."""
+    asked = []
+    epoch = Batches.epoch
+
+    def recording(self, plan, index):
+        asked.append(index)
+        return epoch(self, plan, index)
+
+    monkeypatch.setattr(Batches, "epoch", recording)
+    config = small_config(max_epochs=3, val_fraction=0.0, augment={"preset": "none"})
+    fit(config, small_archive.subset(np.arange(16)), num_threads=1, cache_dir=tmp_path)
+    assert asked == [0, 1, 2]
+
+
 def test_resume_after_epoch_two_matches_an_uninterrupted_run(small_archive, tmp_path):
     # Online augmentation and the boundary ramp make every epoch depend on more than weights.
     config = small_config(
