@@ -100,6 +100,11 @@ class SearchSettings:
         for flag, known in (("sampler", SAMPLERS), ("scheduler", SCHEDULERS)):
             if getattr(self, flag) not in known:
                 raise ConfigError(f"--{flag} must be one of {', '.join(known)}")
+        if self.scheduler == "asha" and self.grace_period > self.max_epochs:
+            raise ConfigError(
+                f"--grace-period {self.grace_period} is more than --max-epochs "
+                f"{self.max_epochs}: ASHA would never stop a trial; give at most the max epochs"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str) -> SearchSettings:
@@ -143,6 +148,10 @@ def _typed(value: Any, hint: Any, what: str) -> Any:
     raise ConfigError(f"{what} must be {kind.__name__}, got {value!r}")
 
 
+NAME_BYTES = 200
+"""The longest experiment name, in UTF-8 bytes: a folder name, with room for Tune's suffixes."""
+
+
 def check_name(name: str, flag: str = "--name") -> str:
     """`name` if it is one folder name, as an experiment's must be: it names a folder in the
     storage and in `results/`, and a failed start removes what it made there."""
@@ -152,10 +161,17 @@ def check_name(name: str, flag: str = "--name") -> str:
         or any(c in name for c in "/\\\0")
         or name.startswith("-")
         or name != name.strip()
+        or not name.isprintable()
     ):
         raise ConfigError(
-            f"{flag} {name!r} is not a folder name: give one name, without '/' or surrounding "
-            "spaces, not '.' or '..', not starting with '-' (e.g. marsseg-1)"
+            f"{flag} {name!r} is not a folder name: give one name, without '/', control "
+            "characters or surrounding spaces, not '.' or '..', not starting with '-' "
+            "(e.g. marsseg-1)"
+        )
+    if len(name.encode()) > NAME_BYTES:
+        raise ConfigError(
+            f"{flag} is {len(name.encode())} bytes long; a name has at most {NAME_BYTES} "
+            "(filesystems cap a folder name at 255)"
         )
     return name
 

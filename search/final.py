@@ -164,6 +164,14 @@ def final_epochs(config: TrainConfig, requested: int | None) -> tuple[int, str]:
     return config.max_epochs, "the config's max_epochs (no search provenance)"
 
 
+def rerank_candidates(config_path: Path, n: int) -> list[Path]:
+    """The top-n exported configs beside `config_path` (`search.export` writes them there)."""
+    candidates = sorted(config_path.parent.glob("top-*.yaml"))[:n]
+    if not candidates:
+        raise ConfigError(f"--rerank: no top-*.yaml configs beside {config_path}")
+    return candidates
+
+
 def rerank(
     config_path: Path,
     n: int,
@@ -182,9 +190,7 @@ def rerank(
     the runs keep their checkpoints and results there (a `RunStore`), so the same call again
     continues them (another set of configs, seeds or data is refused unless `force`).
     """
-    candidates = sorted(config_path.parent.glob("top-*.yaml"))[:n]
-    if not candidates:
-        raise ConfigError(f"--rerank: no top-*.yaml configs beside {config_path}")
+    candidates = rerank_candidates(config_path, n)
     configs = {path: TrainConfig.load(path) for path in candidates}
     runs = {}
     for path, config in configs.items():
@@ -415,6 +421,8 @@ class FinalSettings:
             raise ConfigError(f"--folds must be >= 2, got {self.folds}")
         if self.rerank and self.config_path is None:
             raise ConfigError("--rerank needs the config's path: its top-*.yaml lie beside it")
+        if self.rerank:
+            rerank_candidates(self.config_path, self.rerank)
 
     @property
     def submission_path(self) -> Path:
@@ -637,12 +645,27 @@ def _write_outputs(
     return FinalResult(submission, model_path, report_path, trained.config, trained.scores, offsets)
 
 
+def check_ray_flags(args: argparse.Namespace) -> None:
+    """`--gpus-per-trial` and `--address` size and place the Ray tasks of `--folds` and
+    `--rerank`; without them one model trains in this process, so a GPU asked for there would be
+    silently unused (`--device` chooses this process's device)."""
+    if args.folds or args.rerank:
+        return
+    for flag, value in (("--gpus-per-trial", args.gpus_per_trial), ("--address", args.address)):
+        if value is not None:
+            raise ConfigError(
+                f"{flag} applies to the --folds and --rerank runs (Ray tasks); without them the "
+                "model trains in this process: use --device (e.g. cuda) instead"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = TrainConfig.load(args.config)
     command = "python -m search.final " + shlex.join(sys.argv[1:] if argv is None else argv)
     settings = FinalSettings.from_args(args, command)
     # The cheapest refusals first, before the data is loaded or anything trains.
+    check_ray_flags(args)
     check_target(settings.submission_path, settings.force)
     check_writable(settings.out)
     resolve_device(settings.device)

@@ -340,7 +340,13 @@ def prepare_new(
         train_val_split(archive.masks, base.val_fraction, base.seed)
     except ConfigError as err:
         raise ConfigError(f"the search's base config: {err}") from None
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=settings.seed))
+    # A throwaway study: its "A new study created in memory" line would precede any refusal.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=settings.seed))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     trial = study.ask()
     constants = space.space(trial) or {}
     try:

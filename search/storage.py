@@ -23,6 +23,10 @@ from search.capacity import Capacity
 
 SHARED_PATH_SCHEME = "file"
 """`--storage file:///mnt/nfs/x` says: /mnt/nfs/x is on a filesystem that every node mounts."""
+BUCKET_SCHEMES = ("s3", "gs", "gcs")
+REMOTE_SCHEMES = (*BUCKET_SCHEMES, "abfs", "abfss", "hdfs", "viewfs")
+"""The object stores and cluster filesystems Tune reaches through pyarrow; another scheme would
+fail inside Ray, after the flags were taken."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def parse_storage(storage: str) -> Storage:
     if urlparse(storage).scheme == SHARED_PATH_SCHEME:
         return Storage(_shared_path(storage), shared=True)
     if "://" in storage:
-        return Storage(storage, shared=True)
+        return Storage(_remote_uri(storage), shared=True)
     return Storage(os.path.abspath(os.path.expanduser(storage)), shared=False)
 
 
@@ -83,6 +87,23 @@ def _shared_path(storage: str) -> str:
     return path
 
 
+def _remote_uri(storage: str) -> str:
+    """`storage` if it names a bucket (or host) of a scheme Tune can write to; checked here,
+    without contacting it, so a typo is refused in one line before anything starts."""
+    parsed = urlparse(storage)
+    if parsed.scheme not in REMOTE_SCHEMES:
+        raise SearchError(
+            f"--storage {storage}: unknown scheme '{parsed.scheme}://'; use a local path, "
+            f"{SHARED_PATH_SCHEME}:///a/shared/mount, or one of "
+            + ", ".join(f"{scheme}://" for scheme in REMOTE_SCHEMES)
+        )
+    if parsed.scheme in BUCKET_SCHEMES and not parsed.netloc:
+        raise SearchError(
+            f"--storage {storage}: no bucket named; e.g. {parsed.scheme}://my-bucket/experiments"
+        )
+    return storage
+
+
 def _check_remote(storage: str) -> None:
     import pyarrow.fs
 
@@ -99,6 +120,8 @@ def _check_remote(storage: str) -> None:
 
 
 def _writable_dir(path: str) -> str:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SearchError(f"storage {path} is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-probe-{uuid.uuid4().hex}")

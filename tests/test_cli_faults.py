@@ -66,12 +66,18 @@ def _archive(p: Place, name: str, training_set, test_set=None) -> Path:
 # --- 1. names are one folder name -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["..", ".", "team/run1", "", "-x", "a/../..", " spaced "])
+@pytest.mark.parametrize("name", ["..", ".", "team/run1", "", "-x", "a/../..", " spaced ", "a\nb"])
 def test_unsafe_names_are_refused_and_nothing_is_touched(name, place, monkeypatch, capsys):
     argv = [*_storage(place), f"--name={name}", "--time-budget", "60"]
     check_case(Case(search_run.main, argv, "is not a folder name"), place, monkeypatch, capsys)
     argv = [f"--name={name}", "--storage", str(place.root / "experiments")]
     check_case(Case(export.main, argv, "is not a folder name"), place, monkeypatch, capsys)
+
+
+def test_a_name_too_long_for_a_folder_is_refused(place, monkeypatch, capsys):
+    argv = [*_storage(place), "--name", "é" * 101, "--time-budget", "60"]
+    expected = "--name is 202 bytes long; a name has at most 200"
+    check_case(Case(search_run.main, argv, expected), place, monkeypatch, capsys)
 
 
 def test_a_failed_start_removes_only_what_it_made(place, monkeypatch, capsys):
@@ -137,6 +143,46 @@ def _(p, mp):
 def _(p, mp):
     argv = [*_storage(p), "--name", "x", "--final", "--final-arch", "unett"]
     return Case(search_run.main, argv, "--final-arch 'unett': unknown architecture")
+
+
+@case("run: --storage with a scheme Tune cannot write to")
+def _(p, mp):
+    argv = [*_storage(p)[2:], "--storage", "ftp://host/experiments", "--name", "x"]
+    return Case(search_run.main, argv, "--storage ftp://host/experiments: unknown scheme 'ftp://'")
+
+
+@case("run: --storage s3:// without a bucket")
+def _(p, mp):
+    argv = [*_storage(p)[2:], "--storage", "s3:///experiments", "--name", "x"]
+    return Case(search_run.main, argv, "--storage s3:///experiments: no bucket named")
+
+
+@case("run: --storage that is a file")
+def _(p, mp):
+    argv = [*_storage(p)[2:], "--storage", str(p.blocker), "--name", "x"]
+    return Case(search_run.main, argv, f"storage {p.blocker} is a file, not a folder")
+
+
+@case("run: a grace period longer than the trials")
+def _(p, mp):
+    argv = [*_storage(p), "--name", "x", "--max-epochs", "2", "--grace-period", "5"]
+    return Case(search_run.main, argv, "--grace-period 5 is more than --max-epochs 2: ASHA would")
+
+
+@case("final: --gpus-per-trial without folds, where nothing runs as a Ray task")
+def _(p, mp):
+    out = p.root / "final"
+    argv = ["--config", str(p.config("c.yaml")), "--data", str(p.archive), "--out", str(out)]
+    expected = "--gpus-per-trial applies to the --folds and --rerank runs (Ray tasks)"
+    return Case(final_stage.main, [*argv, "--gpus-per-trial", "1"], expected)
+
+
+@case("final: --rerank without exported configs, before Ray starts")
+def _(p, mp):
+    out = p.root / "final"
+    argv = ["--config", str(p.config("c.yaml")), "--data", str(p.archive), "--out", str(out)]
+    expected = "--rerank: no top-*.yaml configs beside"
+    return Case(final_stage.main, [*argv, "--rerank", "2"], expected)
 
 
 def test_a_resume_that_ignores_a_flag_says_how_to_start_over(tmp_path, monkeypatch, capsys):
