@@ -169,20 +169,22 @@ def _(p, mp):
     return Case(search_run.main, argv, "--grace-period 5 is more than --max-epochs 2: ASHA would")
 
 
+def _final(p: Place, *flags: str) -> list[str]:
+    """`search.final` on a valid config and archive, with `flags`."""
+    config = str(p.config("c.yaml"))
+    return ["--config", config, "--data", str(p.archive), "--out", str(p.root / "o"), *flags]
+
+
 @case("final: --gpus-per-trial without folds, where nothing runs as a Ray task")
 def _(p, mp):
-    out = p.root / "final"
-    argv = ["--config", str(p.config("c.yaml")), "--data", str(p.archive), "--out", str(out)]
     expected = "--gpus-per-trial applies to the --folds and --rerank runs (Ray tasks)"
-    return Case(final_stage.main, [*argv, "--gpus-per-trial", "1"], expected)
+    return Case(final_stage.main, _final(p, "--gpus-per-trial", "1"), expected)
 
 
 @case("final: --rerank without exported configs, before Ray starts")
 def _(p, mp):
-    out = p.root / "final"
-    argv = ["--config", str(p.config("c.yaml")), "--data", str(p.archive), "--out", str(out)]
     expected = "--rerank: no top-*.yaml configs beside"
-    return Case(final_stage.main, [*argv, "--rerank", "2"], expected)
+    return Case(final_stage.main, _final(p, "--rerank", "2"), expected)
 
 
 def test_a_resume_that_ignores_a_flag_says_how_to_start_over(tmp_path, monkeypatch, capsys):
