@@ -43,13 +43,14 @@ stage() {  # stage NAME COMMAND...: run it unless done; log its start, end and e
         echo "campaign: $stage_name done earlier ($(cat "$campaign/done/$stage_name"))"
         return 0
     fi
-    local start
+    local start commit
     start=$(date +%s)
-    echo "campaign: $stage_name starts $(date -u +%FT%TZ) on $(hostname), $(nproc) CPUs, commit $(git -C "$repo" rev-parse --short HEAD)"
+    commit=$(git -C "$repo" rev-parse --short HEAD)  # the code installed when this run began
+    echo "campaign: $stage_name starts $(date -u +%FT%TZ) on $(hostname), $(nproc) CPUs, commit $commit"
     echo "campaign: $stage_name: $*"
     (cd "$campaign" && "$@")
     local took=$(( $(date +%s) - start ))
-    echo "finished $(date -u +%FT%TZ) after ${took}s of this run, commit $(git -C "$repo" rev-parse --short HEAD)" \
+    echo "finished $(date -u +%FT%TZ) after ${took}s of this run, code of commit $commit" \
         > "$campaign/done/$stage_name"
     echo "campaign: $stage_name $(cat "$campaign/done/$stage_name")"
 }
