@@ -23,9 +23,12 @@ export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 python=$campaign/venv/bin/python
 mkdir -p "$campaign/done" "$campaign/results"
 
+installed=unknown  # the commit whose code the venv holds, set by install()
+
 install() {
     # A copy of the project, not an editable install: Ray workers started later in a stage must
     # run the code the stage started with, whatever happens to the checkout meanwhile.
+    installed=$(git -C "$repo" rev-parse --short HEAD)
     if [ ! -x "$python" ]; then
         python3 -m venv "$campaign/venv"
         "$python" -m pip install -q --upgrade pip
@@ -43,14 +46,13 @@ stage() {  # stage NAME COMMAND...: run it unless done; log its start, end and e
         echo "campaign: $stage_name done earlier ($(cat "$campaign/done/$stage_name"))"
         return 0
     fi
-    local start commit
+    local start
     start=$(date +%s)
-    commit=$(git -C "$repo" rev-parse --short HEAD)  # the code installed when this run began
-    echo "campaign: $stage_name starts $(date -u +%FT%TZ) on $(hostname), $(nproc) CPUs, commit $commit"
+    echo "campaign: $stage_name starts $(date -u +%FT%TZ) on $(hostname), $(nproc) CPUs, code of commit $installed"
     echo "campaign: $stage_name: $*"
     (cd "$campaign" && "$@")
     local took=$(( $(date +%s) - start ))
-    echo "finished $(date -u +%FT%TZ) after ${took}s of this run, code of commit $commit" \
+    echo "finished $(date -u +%FT%TZ) after ${took}s of this run, code of commit $installed" \
         > "$campaign/done/$stage_name"
     echo "campaign: $stage_name $(cat "$campaign/done/$stage_name")"
 }
