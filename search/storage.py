@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
 from marsseg.errors import SearchError, first_line
+from marsseg.fileio import check_writable
 from search.capacity import Capacity
 
 SHARED_PATH_SCHEME = "file"
@@ -120,8 +121,7 @@ def _check_remote(storage: str) -> None:
 
 
 def _writable_dir(path: str) -> str:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SearchError(f"storage {path} is a file, not a folder")
+    check_writable(path, what="storage")  # a file there, or above it, is named as such
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-probe-{uuid.uuid4().hex}")
