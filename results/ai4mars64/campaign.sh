@@ -4,6 +4,8 @@
 #   b. export     the search's top-5 MarsSeg configs and its plots
 #   c. compare    the best MarsSeg config against preset:plain, one split, 2 seeds, 20 epochs
 #   d. final      that config as a 5-fold ensemble, 30 epochs, flip TTA, calibrated decoding
+#   e. wider      the pick's recipe on a MarsSeg of plain's size (width 0.25), same budget as c.,
+#                 compared with c.'s plain runs (stage b's answer to 'what else was tried')
 #
 # Rerun it after any stop (a session's end, Ctrl-C, a reboot): a finished stage is skipped (its
 # marker in $CAMPAIGN/done/), an unfinished one continues from its checkpoints (search.run
@@ -13,6 +15,10 @@
 # `campaign.sh collect` copies the finished stages' small results into results/ai4mars64/.
 #
 #   nohup bash results/ai4mars64/campaign.sh >> ~/marsseg-campaign/campaign.log 2>&1 &
+#
+# `campaign.sh stage NAME` runs that one stage with the venv as it is, beside a running campaign
+# (e.g. `wider` on the core the final's last fold leaves idle); it does not reinstall the venv,
+# whose code the running stage's Ray workers import.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -37,6 +43,7 @@ install() {
     else
         "$python" -m pip install -q --no-deps --force-reinstall "$repo"
     fi
+    echo "$installed" > "$campaign/venv/installed-commit"
 }
 
 stage() {  # stage NAME COMMAND...: run it unless done; log its start, end and exit status
@@ -58,20 +65,35 @@ stage() {  # stage NAME COMMAND...: run it unless done; log its start, end and e
 }
 
 best=$campaign/results/search-budget/best_config.yaml
+wider=$repo/results/ai4mars64/comparison-wider/marsseg-pick-width-0.25.yaml
+
+run_stage() {  # run_stage NAME: one stage, by its name
+    case $1 in
+        search) stage search "$python" -m search.run --data "$data" --space marsseg_budget \
+            --limit-images 1500 --max-epochs 12 --grace-period 3 --reduction-factor 3 \
+            --num-samples 40 --time-budget 14400 --cpus-per-trial 1 --max-concurrent 2 \
+            --no-reference-trial --storage "$campaign/experiments" --name "$name" ;;
+        export) stage export "$python" -m search.export --name "$name" \
+            --storage "$campaign/experiments" --arch marsseg --top-k 5 \
+            --out "$campaign/results/search-budget" ;;
+        compare) stage compare "$python" -m search.compare --data "$data" --max-epochs 20 \
+            --seeds 0 1 --cpus-per-trial 1 --candidate plain=preset:plain \
+            --candidate "marsseg-search=$best" --out "$campaign/results/comparison" ;;
+        final) stage final "$python" -m search.final --config "$best" --data "$data" --folds 5 \
+            --max-epochs 30 --cpus-per-trial 1 --compress --out "$campaign/results/final" ;;
+        wider) stage wider "$python" -m search.compare --data "$data" --max-epochs 20 \
+            --seeds 0 1 --cpus-per-trial 1 --candidate "marsseg-wide=$wider" \
+            --out "$campaign/results/comparison-wider" ;;
+        *) echo "campaign: no stage '$1' (search, export, compare, final, wider)" >&2; return 2 ;;
+    esac
+}
 
 run_all() {
     install
-    stage search "$python" -m search.run --data "$data" --space marsseg_budget \
-        --limit-images 1500 --max-epochs 12 --grace-period 3 --reduction-factor 3 \
-        --num-samples 40 --time-budget 14400 --cpus-per-trial 1 --max-concurrent 2 \
-        --no-reference-trial --storage "$campaign/experiments" --name "$name"
-    stage export "$python" -m search.export --name "$name" --storage "$campaign/experiments" \
-        --arch marsseg --top-k 5 --out "$campaign/results/search-budget"
-    stage compare "$python" -m search.compare --data "$data" --max-epochs 20 --seeds 0 1 \
-        --cpus-per-trial 1 --candidate plain=preset:plain --candidate "marsseg-search=$best" \
-        --out "$campaign/results/comparison"
-    stage final "$python" -m search.final --config "$best" --data "$data" --folds 5 \
-        --max-epochs 30 --cpus-per-trial 1 --compress --out "$campaign/results/final"
+    local each
+    for each in search export compare final wider; do
+        run_stage "$each"
+    done
 }
 
 collect() {
@@ -85,12 +107,16 @@ collect() {
             "$out/search-budget/"
         cp -r "$campaign/results/search-budget/plots" "$out/search-budget/" 2>/dev/null || true
     fi
-    local compare=$campaign/results/comparison
-    if [ -e "$compare/runs.csv" ]; then
-        mkdir -p "$out/comparison-budget"
-        cp "$compare"/runs.csv "$out/comparison-budget/"
-        cp "$compare"/comparison.* "$out/comparison-budget/" 2>/dev/null || true
-    fi
+    local from to
+    for from in comparison:comparison-budget comparison-wider:comparison-wider; do
+        to=$out/${from#*:}
+        from=$campaign/results/${from%%:*}
+        if [ -e "$from/runs.csv" ]; then
+            mkdir -p "$to"
+            cp "$from"/runs.csv "$to/"
+            cp "$from"/comparison.* "$to/" 2>/dev/null || true
+        fi
+    done
     local final=$campaign/results/final
     if [ -e "$campaign/done/final" ]; then
         cp "$final"/report.md "$final"/*.png "$final"/submission.csv.gz "$out/"
@@ -100,6 +126,10 @@ collect() {
 
 case ${1:-run} in
     run) run_all ;;
+    stage)
+        installed=$(cat "$campaign/venv/installed-commit" 2>/dev/null || echo unknown)
+        run_stage "${2:?usage: $0 stage NAME}"
+        ;;
     collect) collect ;;
-    *) echo "usage: $0 [run|collect]" >&2; exit 2 ;;
+    *) echo "usage: $0 [run|stage NAME|collect]" >&2; exit 2 ;;
 esac
