@@ -310,7 +310,8 @@ def test_unwritable_storage_and_bad_archive(tiny_archive, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert run_cli(search_main, ["--data", str(tiny_archive), "--storage", str(blocker / "x")]) == 2
-    assert capsys.readouterr().err == f"error: storage {blocker / 'x'} lies under {blocker}, a file\n"
+    expected = f"error: storage {blocker / 'x'} lies under {blocker}, a file\n"
+    assert capsys.readouterr().err == expected
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"junk")
     assert run_cli(search_main, ["--data", str(bad), "--storage", str(tmp_path)]) == 2
