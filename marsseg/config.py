@@ -239,8 +239,8 @@ class TrainConfig:
             raise ConfigError(f"config file not found: {path}")
         if path.suffix == ".json":
             try:
-                data = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                data = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+            except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
                 raise ConfigError(f"{path}: not valid JSON ({err})") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
@@ -250,6 +250,16 @@ class TrainConfig:
             return cls.from_dict(data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key written twice (`json` would keep the last)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} given twice in one object")
+        seen.add(key)
+    return dict(pairs)
 
 
 PLAIN = TrainConfig(

@@ -22,7 +22,26 @@ from marsseg.errors import ConfigError
 
 
 class Loader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that also reads YAML 1.2 floats with an exponent and no dot."""
+    """`yaml.SafeLoader` that also reads YAML 1.2 floats with an exponent and no dot, and
+    refuses a key written twice in one mapping (YAML forbids it; PyYAML keeps the last value,
+    so `batch_size: 8` further down a config would silently win over the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_seen: dict[tuple[str, str], yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # `<<` merges may override by design; complex keys are not config keys
+            key = (key_node.tag, key_node.value)
+            if key in first_seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key_node.value!r} given twice (first at line "
+                    f"{first_seen[key].line + 1})",
+                    key_node.start_mark,
+                )
+            first_seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 Loader.add_implicit_resolver(

@@ -120,3 +120,28 @@ def test_yaml_numbers_loosen_nothing_else(tmp_path, body, expected):
 def test_saved_configs_with_small_floats_round_trip(tmp_path):
     config = TrainConfig().replace(optim=OptimConfig(lr=3e-5, weight_decay=1e-6))
     assert TrainConfig.load(config.save(tmp_path / "c.yaml")) == config
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "expected"),
+    [
+        ("c.yaml", "batch_size: 4\nseed: 1\nbatch_size: 8\n", "line 3, column 1: key 'batch_size'"),
+        ("c.yaml", "optim:\n  lr: 1.0e-3\n  lr: 3.0e-3\n", "'lr' given twice (first at line 2)"),
+        ("c.json", '{"optim": {"lr": 0.001, "lr": 0.003}}', "not valid JSON (key 'lr' given twice"),
+    ],
+)
+def test_a_key_written_twice_is_refused(tmp_path, name, body, expected):
+    """YAML and JSON parsers keep the last of two equal keys: the first value would be lost."""
+    path = tmp_path / name
+    path.write_text(body)
+    with pytest.raises(ConfigError) as caught:
+        TrainConfig.load(path)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {lr: 1.0e-3, weight_decay: 0.0}\noptim:\n  <<: *b\n  lr: 3.0e-3\n")
+    from marsseg.yamlfile import read_yaml_mapping
+
+    assert read_yaml_mapping(path, "fields")["optim"] == {"lr": 3e-3, "weight_decay": 0.0}
