@@ -18,7 +18,7 @@ from marsseg.config import preset
 from marsseg.errors import ConfigError
 from spaces.common import config_to_params, params_to_config
 
-SPACE_NAMES = ("default", "marsseg", "marsseg_small", "marsseg_budget", "reference")
+SPACE_NAMES = ("default", "marsseg", "marsseg_small", "marsseg_budget", "budget", "reference")
 
 __all__ = ["SPACE_NAMES", "SearchSpace", "get_space", "params_to_config"]
 

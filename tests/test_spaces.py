@@ -37,8 +37,9 @@ def sample(space_name: str, n: int, seed: int = 0) -> list[dict]:
 
 
 NARROW_SPACES = ("marsseg_small", "marsseg_budget")
-RECIPE_SPACES = [name for name in SPACE_NAMES if name not in NARROW_SPACES]
-"""Every space but the narrow ones, whose ranges leave the recipe's MarsSeg out."""
+BUDGET_SPACES = ("marsseg_budget", "budget")
+RECIPE_SPACES = [name for name in SPACE_NAMES if name not in {*NARROW_SPACES, *BUDGET_SPACES}]
+"""Every space whose ranges hold the reference recipe's MarsSeg (the narrow ones do not)."""
 
 
 @pytest.mark.parametrize("name", RECIPE_SPACES)
@@ -116,6 +117,31 @@ def test_marsseg_small_starts_from_tpe_alone_and_budget_from_plains_recipe():
     assert config.ema_decay == plain.ema_decay == 0
 
 
+def test_budget_space_starts_at_plain_and_keeps_both_architectures_near_its_size():
+    """Its first trial is `preset:plain` itself, whatever the search's base; then U-Nets of
+    plain's depth and about its width, and the narrow MarsSegs, both drawn."""
+    from spaces.budget import UNET_SIZE
+    from spaces.marsseg_small import NARROW
+
+    base = preset("reference").replace(max_epochs=12)
+    space = get_space("budget")
+    [point] = space.points_to_evaluate
+    study = optuna.create_study()
+    study.enqueue_trial(point)
+    trial = study.ask()
+    constants = space.space(trial)
+    first, plain = params_to_config({**trial.params, **constants}, base), preset("plain")
+    for field in ("model", "loss", "augment", "oversample", "optim", "scheduler", "batch_size"):
+        assert getattr(first, field) == getattr(plain, field), field
+    assert first.ema_decay == plain.ema_decay == 0
+    configs = [params_to_config(params, base) for params in sample("budget", 40, seed=6)]
+    assert {c.model.name for c in configs} == {"unet", "marsseg"}
+    for config in configs:
+        bounds = UNET_SIZE if config.model.name == "unet" else NARROW
+        for knob, bound in bounds.items():
+            assert bound["low"] <= config.model.knobs[knob] <= bound["high"], (config.model, knob)
+
+
 def test_schedules_ema_lovasz_and_weight_caps_are_sampled_into_the_config():
     base = preset("reference")
     drawn = sample("marsseg", 80, seed=4)
@@ -131,13 +157,14 @@ def test_schedules_ema_lovasz_and_weight_caps_are_sampled_into_the_config():
     assert any(c.loss.class_weight_cap == 10 for c in configs)
 
 
-def test_marsseg_budget_bounds_the_images_an_epoch_holds():
+@pytest.mark.parametrize("name", BUDGET_SPACES)
+def test_budget_spaces_bound_the_images_an_epoch_holds(name):
     """No offline preset (its flip doubles the set) and big rock shown at most 3x, whatever
     the base config says; everything else is still sampled."""
     from spaces.marsseg_budget import MAX_OVERSAMPLE
 
     base = preset("reference")  # offline preset, oversample 4: both must be overridden
-    drawn = sample("marsseg_budget", 60, seed=5)
+    drawn = sample(name, 60, seed=5)
     configs = [params_to_config(params, base) for params in drawn]
     assert {c.augment.preset for c in configs} == {"none"}
     assert all(1.0 <= c.oversample <= MAX_OVERSAMPLE for c in configs)
