@@ -6,6 +6,12 @@
 #   d. final      that config as a 5-fold ensemble, 30 epochs, flip TTA, calibrated decoding
 #   e. wider      the pick's recipe on a MarsSeg of plain's size (width 0.25), same budget as c.,
 #                 compared with c.'s plain runs (stage b's answer to 'what else was tried')
+# Round 2 (stage e's lever: let the search choose plain's U-Net too):
+#   f. search-any   `budget` space (plain-sized U-Net or narrow MarsSeg, the same training knobs),
+#                   a.'s budget, preset:plain as its first trial
+#   g. export-any   its top-5 configs, any architecture
+#   h. compare-any  its pick against c.'s plain runs (same data, split, seeds, 20 epochs)
+#   i. final-any    that pick as a 5-fold ensemble, 30 epochs, flip TTA, calibrated decoding
 #
 # Rerun it after any stop (a session's end, Ctrl-C, a reboot): a finished stage is skipped (its
 # marker in $CAMPAIGN/done/), an unfinished one continues from its checkpoints (search.run
@@ -25,6 +31,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 campaign=${MARSSEG_CAMPAIGN:-$HOME/marsseg-campaign}
 data=${MARSSEG_DATA:-$(cd "$repo/.." && pwd)/shared/data/ai4mars64.npz}
 name=ai4mars64-budget
+name_any=ai4mars64-any
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 python=$campaign/venv/bin/python
 mkdir -p "$campaign/done" "$campaign/results"
@@ -66,6 +73,9 @@ stage() {  # stage NAME COMMAND...: run it unless done; log its start, end and e
 
 best=$campaign/results/search-budget/best_config.yaml
 wider=$repo/results/ai4mars64/comparison-wider/marsseg-pick-width-0.25.yaml
+best_any=$campaign/results/search-any/best_config.yaml
+
+stages="search export compare final wider search-any export-any compare-any final-any"
 
 run_stage() {  # run_stage NAME: one stage, by its name
     case $1 in
@@ -84,14 +94,27 @@ run_stage() {  # run_stage NAME: one stage, by its name
         wider) stage wider "$python" -m search.compare --data "$data" --max-epochs 20 \
             --seeds 0 1 --cpus-per-trial 1 --candidate "marsseg-wide=$wider" \
             --out "$campaign/results/comparison-wider" ;;
-        *) echo "campaign: no stage '$1' (search, export, compare, final, wider)" >&2; return 2 ;;
+        search-any) stage search-any "$python" -m search.run --data "$data" --space budget \
+            --limit-images 1500 --max-epochs 12 --grace-period 3 --reduction-factor 3 \
+            --num-samples 40 --time-budget 14400 --cpus-per-trial 1 --max-concurrent 2 \
+            --storage "$campaign/experiments" --name "$name_any" ;;
+        export-any) stage export-any "$python" -m search.export --name "$name_any" \
+            --storage "$campaign/experiments" --arch any --top-k 5 \
+            --out "$campaign/results/search-any" ;;
+        compare-any) stage compare-any "$python" -m search.compare --data "$data" \
+            --max-epochs 20 --seeds 0 1 --cpus-per-trial 1 --candidate "search-any=$best_any" \
+            --out "$campaign/results/comparison-any" ;;
+        final-any) stage final-any "$python" -m search.final --config "$best_any" --data "$data" \
+            --folds 5 --max-epochs 30 --cpus-per-trial 1 --compress \
+            --out "$campaign/results/final-any" ;;
+        *) echo "campaign: no stage '$1' ($stages)" >&2; return 2 ;;
     esac
 }
 
 run_all() {
     install
     local each
-    for each in search export compare final wider; do
+    for each in $stages; do
         run_stage "$each"
     done
 }
@@ -101,14 +124,18 @@ collect() {
     local out=$repo/results/ai4mars64
     mkdir -p "$out/campaign"
     cp "$campaign"/done/* "$out/campaign/" 2>/dev/null || true
-    if [ -e "$campaign/done/export" ]; then
-        mkdir -p "$out/search-budget"
-        cp "$campaign"/results/search-budget/*.yaml "$campaign"/results/search-budget/*.csv \
-            "$out/search-budget/"
-        cp -r "$campaign/results/search-budget/plots" "$out/search-budget/" 2>/dev/null || true
-    fi
+    local search
+    for search in export:search-budget export-any:search-any; do
+        if [ -e "$campaign/done/${search%%:*}" ]; then
+            search=${search#*:}
+            mkdir -p "$out/$search"
+            cp "$campaign/results/$search"/*.yaml "$campaign/results/$search"/*.csv "$out/$search/"
+            cp -r "$campaign/results/$search/plots" "$out/$search/" 2>/dev/null || true
+        fi
+    done
     local from to
-    for from in comparison:comparison-budget comparison-wider:comparison-wider; do
+    for from in comparison:comparison-budget comparison-wider:comparison-wider \
+        comparison-any:comparison-any; do
         to=$out/${from#*:}
         from=$campaign/results/${from%%:*}
         if [ -e "$from/runs.csv" ]; then
@@ -120,6 +147,10 @@ collect() {
     local final=$campaign/results/final
     if [ -e "$campaign/done/final" ]; then
         cp "$final"/report.md "$final"/*.png "$final"/submission.csv.gz "$out/"
+    fi
+    if [ -e "$campaign/done/final-any" ]; then  # beside the first final until one is chosen
+        mkdir -p "$out/final-any"
+        cp "$campaign"/results/final-any/{report.md,*.png,submission.csv.gz} "$out/final-any/"
     fi
     echo "campaign: collected into $out"
 }
