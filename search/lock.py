@@ -92,11 +92,12 @@ class DriverLock:
         self.name = name
         self.break_lock = break_lock
         self.owner = LockOwner.me()
-        self.created_folder = False
+        self.created_folders: list[Path] = []
 
     def __enter__(self) -> DriverLock:
-        self.created_folder = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent  # and the storage above it, on a first search there
+        self.created_folders = [f for f in (folder, *folder.parents) if not f.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._create():
                 return self
@@ -112,9 +113,9 @@ class DriverLock:
         held = read_lock(self.path)
         if held is not None and held.token == self.owner.token:
             self.path.unlink(missing_ok=True)
-        if self.created_folder:
-            with contextlib.suppress(OSError):
-                self.path.parent.rmdir()  # only when empty: a start that left nothing behind
+        for folder in self.created_folders:  # deepest first, each only when empty: a start
+            with contextlib.suppress(OSError):  # that left nothing behind leaves no folder
+                folder.rmdir()
 
     def _create(self) -> bool:
         try:

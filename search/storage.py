@@ -68,7 +68,8 @@ def parse_storage(storage: str) -> Storage:
 
 
 def check_storage(storage: str) -> Storage:
-    """Make sure the experiment storage exists and is writable; say whether all nodes reach it."""
+    """Make sure the experiment storage is, or can be made, a writable folder (a remote one is
+    checked by name); say whether all nodes reach it."""
     parsed = parse_storage(storage)
     if "://" in parsed.path:
         _check_remote(parsed.path)
@@ -121,16 +122,9 @@ def _check_remote(storage: str) -> None:
 
 
 def _writable_dir(path: str) -> str:
+    """`path` if it is, or can be made, a writable folder; not created here, so a start refused
+    later (the cluster's capacity, say) leaves no empty storage behind."""
     check_writable(path, what="storage")  # a file there, or above it, is named as such
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-probe-{uuid.uuid4().hex}")
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        with contextlib.suppress(OSError):
-            os.remove(probe)
-    except OSError as err:
-        raise SearchError(f"storage {path} is not writable: {err.strerror or err}") from None
     return path
 
 

@@ -395,7 +395,7 @@ def test_capacity_of_the_live_cluster(ray_cluster, tmp_path):
 def test_storage_says_whether_every_node_reaches_it(tmp_path):
     shared = check_storage(f"file://{tmp_path}/nfs%20mount")
     assert shared == Storage(f"{tmp_path}/nfs mount", shared=True)
-    assert (tmp_path / "nfs mount").is_dir()
+    assert not (tmp_path / "nfs mount").exists()  # checked, not made: the search makes it
     local = check_storage(str(tmp_path / "x"))
     assert local == Storage(str(tmp_path / "x"), shared=False)
     for storage in (shared, local):  # what the next-steps hint prints names it again
@@ -407,12 +407,12 @@ def test_storage_says_whether_every_node_reaches_it(tmp_path):
 def test_trials_spread_over_worker_nodes_and_share_gpus(
     ray_cluster, synthetic_archive_path, tmp_path, head_folder
 ):
-    storage = f"file://{tmp_path}"
+    storage = f"file://{tmp_path}/nfs"  # not there yet: the search makes it
     args = search_args(synthetic_archive_path, storage, "spread", samples=4, epochs=2)
     args += [*IMAGES, "--gpus-per-trial", "0.5", "--max-concurrent", "4"]
     assert search_main(args) == 0
 
-    experiment = tmp_path / "spread"
+    experiment = tmp_path / "nfs" / "spread"
     board = pd.read_csv(experiment / "leaderboard.csv")  # beside the trials: file:// is shared
     assert (experiment / "optuna.db").is_file()
     assert (head_folder / "experiments" / "spread" / "optuna.db").is_file()  # the driver's copy

@@ -295,7 +295,8 @@ def test_bad_input_gives_one_line(ray_env, tiny_archive, tmp_path, capsys, extra
     if "--gpus-per-trial" in extra:
         ray.shutdown()
         ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)  # one logical GPU
-    args = ["--data", str(tiny_archive), "--storage", str(tmp_path), *extra]
+    storage = tmp_path / "team" / "experiments"  # a first search: neither folder exists yet
+    args = ["--data", str(tiny_archive), "--storage", str(storage), *extra]
     try:
         assert run_cli(search_main, args) == 2
     finally:
@@ -304,6 +305,7 @@ def test_bad_input_gives_one_line(ray_env, tiny_archive, tmp_path, capsys, extra
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expected in err, err
     assert len(err.splitlines()) == 1
+    assert not (tmp_path / "team").exists()  # a refused start leaves no empty storage behind
 
 
 def test_unwritable_storage_and_bad_archive(tiny_archive, tmp_path, capsys):
