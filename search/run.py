@@ -185,7 +185,8 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     _flag(
         parser,
         "--no-reference-trial",
-        "do not run the space's starting point (the reference recipe) first",
+        "do not run the space's starting point first (the reference recipe; in the budget "
+        "spaces, plain's)",
         action="store_true",
     )
     _flag(
