@@ -8,7 +8,8 @@
 #                 compared with c.'s plain runs (stage b's answer to 'what else was tried')
 # Round 2 (stage e's lever: let the search choose plain's U-Net too):
 #   f. search-any   `budget` space (plain-sized U-Net or narrow MarsSeg, the same training knobs),
-#                   a.'s budget, preset:plain as its first trial
+#                   a.'s budget but ASHA grace 6 (at 3, OneCycle trials such as plain are still
+#                   warming up: a first try cut plain there), preset:plain as its first trial
 #   g. export-any   its top-5 configs, any architecture
 #   h. compare-any  its pick against c.'s plain runs (same data, split, seeds, 20 epochs)
 #   i. final-any    that pick as a 5-fold ensemble, 30 epochs, flip TTA, calibrated decoding
@@ -95,7 +96,7 @@ run_stage() {  # run_stage NAME: one stage, by its name
             --seeds 0 1 --cpus-per-trial 1 --candidate "marsseg-wide=$wider" \
             --out "$campaign/results/comparison-wider" ;;
         search-any) stage search-any "$python" -m search.run --data "$data" --space budget \
-            --limit-images 1500 --max-epochs 12 --grace-period 3 --reduction-factor 3 \
+            --limit-images 1500 --max-epochs 12 --grace-period 6 --reduction-factor 3 \
             --num-samples 40 --time-budget 14400 --cpus-per-trial 1 --max-concurrent 2 \
             --storage "$campaign/experiments" --name "$name_any" ;;
         export-any) stage export-any "$python" -m search.export --name "$name_any" \
