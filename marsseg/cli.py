@@ -124,7 +124,7 @@ def run_cli(
         if isinstance(err, Terminated) or _signalled:
             print("error: terminated (SIGTERM)", file=sys.stderr)
             return TERMINATED_EXIT
-        print("error: interrupted", file=sys.stderr)
+        print(f"error: {str(err) or 'interrupted'}", file=sys.stderr)  # a message: what to do
         return 130
     return 2
 

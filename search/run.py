@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -422,8 +424,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     storage = check_storage(args.storage)
     # Held until the search (and --final) ends: a second driver on `name` is refused.
     with DriverLock(driver_folder(storage, name) / LOCK_FILE, name, args.break_lock):
+        sigint = signal.getsignal(signal.SIGINT)
         experiment, results = run_search(args, given, settings, storage, name, new)
+        interrupted = tune_was_interrupted(sigint)
+        signal.signal(signal.SIGINT, sigint)  # Ctrl-C during --final stops it, as it should
         report(results, experiment)
+        if interrupted:
+            raise_interrupted(results, experiment)
         if args.final:
             run_final(args, experiment)
     return 0
@@ -564,12 +571,40 @@ def report(results: ResultGrid, experiment: Experiment) -> None:
     check_outcome(experiment, len(results), summaries, errors)
 
 
-def print_next_steps(experiment: Experiment, summaries: list[TrialSummary]) -> None:
-    """The commands that take the search's pick on: export it, train it for real."""
-    export_args = ["--name", experiment.name]
+def experiment_args(experiment: Experiment) -> list[str]:
+    """The flags that name `experiment` to the other commands: its name, and its storage where
+    that is not the default."""
+    named = ["--name", experiment.name]
     default = Storage(str(Path(DEFAULT_STORAGE).absolute()), shared=False)
     if experiment.storage != default:
-        export_args += ["--storage", experiment.storage.flag]
+        named += ["--storage", experiment.storage.flag]
+    return named
+
+
+def tune_was_interrupted(sigint_before_fit: Any) -> bool:
+    """Whether Tune's `fit` ended on Ctrl-C (or SIGUSR1).
+
+    Tune answers the first one by saving its state and returning as if the search had ended,
+    and nothing it returns says so. Its handler (`ray.tune.tune._setup_signal_catching`) puts
+    back the one it replaced when it fires; a fit that ends on its own leaves it installed.
+    """
+    if os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") != "0":
+        return False  # Tune left Ctrl-C alone: it raised KeyboardInterrupt, if it came
+    return signal.getsignal(signal.SIGINT) is sigint_before_fit
+
+
+def raise_interrupted(results: ResultGrid, experiment: Experiment) -> None:
+    """Exit 130 with one line saying how to continue: a script running the search (a
+    campaign's next stage, a scheduler) must not take an interrupted search for a finished one."""
+    resume = shlex.join(["python", "-m", "search.run", *experiment_args(experiment)])
+    raise KeyboardInterrupt(
+        f"interrupted after {len(results)} trials started; continue with: {resume} --resume"
+    )
+
+
+def print_next_steps(experiment: Experiment, summaries: list[TrialSummary]) -> None:
+    """The commands that take the search's pick on: export it, train it for real."""
+    export_args = experiment_args(experiment)
     if not any(s.config.model.name == "marsseg" for s in summaries):
         export_args += ["--arch", "any"]
     final_args = ["--config", str(experiment.results / BEST_CONFIG)]

@@ -236,7 +236,12 @@ def test_interrupted_search_resumes_from_an_empty_driver_folder(tiny_archive, tm
         time.sleep(1)
     assert process.poll() is None, "the search ended before it could be interrupted"
     process.send_signal(signal.SIGINT)  # what Ctrl-C does: Tune saves its state and stops
-    process.wait(timeout=120)
+    # ... and returns as if the search had ended: the command still says it did not.
+    assert process.wait(timeout=120) == 130
+    last = process.stderr.read().decode().strip().splitlines()[-1]
+    assert last.startswith("error: interrupted after "), last
+    resume = f"continue with: python -m search.run --name r --storage {storage} --resume"
+    assert last.endswith(resume), last
     before = _epochs_per_trial(experiment)
     assert 0 < len(before) < 6 or any(e[-1] < 3 for e in before.values())
     assert (first / "experiments" / "r" / STUDY_FILE).is_file()
