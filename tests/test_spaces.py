@@ -117,23 +117,30 @@ def test_marsseg_small_starts_from_tpe_alone_and_budget_from_plains_recipe():
     assert config.ema_decay == plain.ema_decay == 0
 
 
-def test_budget_space_starts_at_plain_and_keeps_both_architectures_near_its_size():
-    """Its first trial is `preset:plain` itself, whatever the search's base; then U-Nets of
-    plain's depth and about its width, and the narrow MarsSegs, both drawn."""
-    from spaces.budget import UNET_SIZE
+def test_budget_space_starts_at_plain_then_its_levers_and_keeps_sizes_near_plains():
+    """Its first trial is `preset:plain` itself, whatever the search's base, its second plain
+    with the levers set by hand; then U-Nets of plain's depth and about its width, and the
+    narrow MarsSegs, both drawn."""
+    from spaces.budget import PLAIN_WITH_LEVERS, UNET_SIZE
     from spaces.marsseg_small import NARROW
 
     base = preset("reference").replace(max_epochs=12)
     space = get_space("budget")
-    [point] = space.points_to_evaluate
     study = optuna.create_study()
-    study.enqueue_trial(point)
-    trial = study.ask()
-    constants = space.space(trial)
-    first, plain = params_to_config({**trial.params, **constants}, base), preset("plain")
-    for field in ("model", "loss", "augment", "oversample", "optim", "scheduler", "batch_size"):
-        assert getattr(first, field) == getattr(plain, field), field
-    assert first.ema_decay == plain.ema_decay == 0
+    for point in space.points_to_evaluate:
+        study.enqueue_trial(point)
+    starts = []
+    for _ in space.points_to_evaluate:
+        trial = study.ask()
+        constants = space.space(trial)
+        starts.append(params_to_config({**trial.params, **constants}, base))
+    assert len(starts) == 2
+    fields = ("model", "loss", "augment", "oversample", "optim", "scheduler", "batch_size")
+    for start, expected in zip(starts, (preset("plain"), PLAIN_WITH_LEVERS), strict=True):
+        for field in (*fields, "ema_decay"):
+            assert getattr(start, field) == getattr(expected, field), field
+    assert starts[0].ema_decay == 0 and starts[1].ema_decay == 0.995
+    assert starts[1].loss.lovasz_weight == 0.5 and starts[1].oversample == 2.0
     configs = [params_to_config(params, base) for params in sample("budget", 40, seed=6)]
     assert {c.model.name for c in configs} == {"unet", "marsseg"}
     for config in configs:
