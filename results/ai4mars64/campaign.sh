@@ -9,7 +9,8 @@
 # Round 2 (stage e's lever: let the search choose plain's U-Net too):
 #   f. search-any   `budget` space (plain-sized U-Net or narrow MarsSeg, the same training knobs),
 #                   a.'s budget but ASHA grace 6 (at 3, OneCycle trials such as plain are still
-#                   warming up: a first try cut plain there), preset:plain as its first trial
+#                   warming up: a first try cut plain there), preset:plain as its first trial,
+#                   plain with the levers set by hand as its second
 #   g. export-any   its top-5 configs, any architecture
 #   h. compare-any  its pick against c.'s plain runs (same data, split, seeds, 20 epochs)
 #   i. final-any    that pick as a 5-fold ensemble, 30 epochs, flip TTA, calibrated decoding
