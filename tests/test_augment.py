@@ -96,6 +96,20 @@ def test_grayscale_images_stay_float_in_unit_range(photometric):
         assert decoded[interior].mean() > 0.95
 
 
+def test_online_pipeline_flips_half_of_the_images_at_any_intensity():
+    """The horizontal flip comes before the N ops at every intensity > 0; at a small one the
+    ops barely move pixels, so a left-to-right ramp shows which way each output faces."""
+    ramp = np.tile(np.linspace(0, 1, IMAGE_SHAPE[1], dtype=np.float32), (IMAGE_SHAPE[0], 1))
+    unlabelled = np.zeros(IMAGE_SHAPE, np.uint8)  # nothing for MaskDropout to drop
+    augment = OnlineAugment(AugmentConfig(intensity=0.05), seed=0)
+    half = IMAGE_SHAPE[1] // 2
+    flipped = []
+    for _ in range(200):
+        image, _ = augment(ramp.copy(), unlabelled.copy())
+        flipped.append(image[:, :half].mean() > image[:, half:].mean())
+    assert 0.35 < np.mean(flipped) < 0.65
+
+
 def _augmented_masks(masks: np.ndarray) -> list[np.ndarray]:
     online = [OnlineAugment(AugmentConfig(intensity=i), seed=0) for i in (0.5, 1.0)]
     images = _images_of(masks)

@@ -19,8 +19,8 @@ from marsseg.predict import load_models, predict_masks
 from marsseg.train import EPOCH_METRICS, evaluate, fit, prepare_data
 from marsseg.train.__main__ import main as train_main
 from marsseg.train.batches import Batches
-from marsseg.train.loop import train_epoch
-from marsseg.train.state import read_checkpoint
+from marsseg.train.loop import _track_best, train_epoch
+from marsseg.train.state import EpochState, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +165,25 @@ def test_early_stopping_acts_on_val_miou(small_archive, tmp_path):
     assert not any(m["finished"] for m in history[:-1])
     # The best weights are kept even though no improvement was large enough to count.
     assert result.best_epoch == int(np.argmax([m["val_miou"] for m in history])) + 1
+
+
+def test_patience_counts_gains_under_min_delta_as_bad_and_the_best_weights_are_a_copy():
+    """Scripted scores: a gain of at most `min_delta` is a bad epoch for patience but still
+    becomes the best, whose weights are a snapshot, not the live parameters."""
+    config = small_config(early_stopping={"patience": 2, "min_delta": 0.01})
+    model = torch.nn.Linear(2, 2)
+    state = EpochState(config, model, optimizer=None, scheduler=None)
+    stops = []
+    for epoch, score in enumerate([0.50, 0.505, 0.60, 0.605, 0.609]):
+        state.epoch = epoch
+        with torch.no_grad():
+            model.weight.fill_(score)
+        stops.append(_track_best(state, score, config))
+    assert stops == ["", "", "", "", "early_stopping"]
+    assert (state.best_score, state.best_epoch) == (0.609, 5)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    assert torch.all(state.best_weights["weight"] == 0.609)
 
 
 def test_reduce_lr_on_plateau_follows_val_miou(small_archive, tmp_path):
