@@ -103,6 +103,7 @@ def run_stream(
             assert scheduler.on_trial_result(None, trial, {"epoch": t}) == CONTINUE
         result = {"epoch": t, "val_miou": curve(int(tid[1:]), t)}
         decision = scheduler.on_trial_result(None, trial, result)
+        assert decision == STOP or t < max_t, f"{tid} went on at {t}, past max_t {max_t}"
         log.append((tid, t, decision))
         seen += 1
         if decision == STOP:
