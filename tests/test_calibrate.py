@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from marsseg import calibrate
 from marsseg.calibrate import DEFAULT_GRID, fit_offsets, format_offsets
 from marsseg.classes import BIG_ROCK, NUM_CLASSES
 from marsseg.config import TrainConfig
@@ -108,6 +109,15 @@ def test_kept_offsets_never_lower_the_score(seed):
     fitted = fit_offsets(probs, masks)
     assert fitted.after.mean_iou >= fitted.before.mean_iou
     assert rescored(probs, masks, fitted.offsets) == fitted.after.mean_iou
+
+
+def test_a_move_the_real_decoding_does_not_confirm_is_not_kept(shifted, monkeypatch):
+    """The one-pass grid scorer proposes, the submission's decoding decides: a proposal that
+    lowers the score (a scorer made to propose a harmful offset for every class) is dropped."""
+    monkeypatch.setattr(calibrate, "_best_on_grid", lambda *args: -3.0)
+    fitted = fit_offsets(*shifted)
+    np.testing.assert_array_equal(fitted.offsets, np.zeros(NUM_CLASSES))
+    assert fitted.after.mean_iou == fitted.before.mean_iou
 
 
 def test_fit_is_a_coordinate_wise_optimum_on_its_grid(shifted):
