@@ -179,7 +179,7 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     _flag(
         parser,
         "--time-budget",
-        "stop the whole search after this many seconds",
+        "stop the whole search after this many seconds (a resume runs for what is left)",
         type=number_flag(0, low_open=True),
     )
     _flag(parser, "--sampler", f"Optuna sampler of the trials: {', '.join(SAMPLERS)}")
