@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.distributions import distribution_to_json
 
-from marsseg.config import preset
+from marsseg.config import TrainConfig, preset
 from marsseg.errors import ConfigError
 from marsseg.models import list_models, model_knobs
 from spaces import SPACE_NAMES, get_space, params_to_config
@@ -98,18 +98,25 @@ def test_narrow_spaces_keep_marsseg_narrow(name):
             assert bounds["low"] <= knobs[knob] <= bounds["high"]
 
 
+def starting_trials(name: str, base: TrainConfig) -> list[TrainConfig]:
+    """The configs of space `name`'s starting points, as a study that enqueued them runs them."""
+    space = get_space(name)
+    study = optuna.create_study()
+    for point in space.points_to_evaluate:
+        study.enqueue_trial(point)
+    configs = []
+    for _ in space.points_to_evaluate:
+        trial = study.ask()
+        constants = space.space(trial)
+        configs.append(params_to_config({**trial.params, **constants}, base))
+    return configs
+
+
 def test_marsseg_small_starts_from_tpe_alone_and_budget_from_plains_recipe():
     """The reference's MarsSeg lies outside both; `marsseg_budget`'s first trial is the plain
     baseline's recipe on its largest MarsSeg, so its search never ends below that."""
     assert get_space("marsseg_small").points_to_evaluate == []
-    space = get_space("marsseg_budget")
-    [point] = space.points_to_evaluate
-    study = optuna.create_study()
-    study.enqueue_trial(point)
-    trial = study.ask()
-    constants = space.space(trial)
-    base = preset("reference").replace(max_epochs=12)
-    config = params_to_config({**trial.params, **constants}, base)
+    [config] = starting_trials("marsseg_budget", preset("reference").replace(max_epochs=12))
     plain = preset("plain")
     assert config.model.name == "marsseg" and config.model.knobs["width"] == 0.1875
     for field in ("loss", "augment", "oversample", "optim", "scheduler", "batch_size"):
@@ -125,15 +132,7 @@ def test_budget_space_starts_at_plain_then_its_levers_and_keeps_sizes_near_plain
     from spaces.marsseg_small import NARROW
 
     base = preset("reference").replace(max_epochs=12)
-    space = get_space("budget")
-    study = optuna.create_study()
-    for point in space.points_to_evaluate:
-        study.enqueue_trial(point)
-    starts = []
-    for _ in space.points_to_evaluate:
-        trial = study.ask()
-        constants = space.space(trial)
-        starts.append(params_to_config({**trial.params, **constants}, base))
+    starts = starting_trials("budget", base)
     assert len(starts) == 2
     fields = ("model", "loss", "augment", "oversample", "optim", "scheduler", "batch_size")
     for start, expected in zip(starts, (preset("plain"), PLAIN_WITH_LEVERS), strict=True):
