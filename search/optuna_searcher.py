@@ -57,6 +57,36 @@ def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
+def close_stopped_trials(study_name: str, storage: str | BaseStorage) -> list[int]:
+    """Tell the study the end of the trials it still holds RUNNING, after Tune's run ended.
+
+    Why: when a stopper ends the whole experiment (``time_budget_s``, any ``stop_all``), Tune
+    stops its running and pending trials without calling ``Searcher.on_trial_complete`` (Ray
+    2.60, ``TuneController._stop_experiment_if_needed``), so their Optuna trials would stay
+    RUNNING for good: optuna-dashboard shows them running, and nothing ever resumes them. Each
+    gets the state `PruningOptunaSearch.on_trial_complete` gives a trial stopped from outside:
+    PRUNED if it reported an epoch (its values are in the study already, since every result
+    Tune processes reaches ``on_trial_result``), FAIL if it reported none.
+
+    Call it only after a run that ended: an interrupted run's RUNNING trials are the ones a
+    resume continues. Returns the numbers of the trials it told, in order.
+    """
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    told = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=_outside_stop_state(bool(trial.intermediate_values)))
+        told.append(trial.number)
+    return told
+
+
+def _outside_stop_state(reported: bool) -> TrialState:
+    """The state of a trial stopped from outside (a scheduler, a stopper): PRUNED with what it
+    reported, FAIL if it reported nothing, since TPE ranks a PRUNED trial without intermediate
+    values as the worst one seen (evidence against a configuration never evaluated), while it
+    ignores FAIL."""
+    return TrialState.PRUNED if reported else TrialState.FAIL
+
+
 def _check_space(space: Any) -> Space | None:
     if space is None or callable(space):
         return space
@@ -330,9 +360,8 @@ class PruningOptunaSearch(Searcher):
         - any other result: PRUNED (the scheduler stopped it). Its last result is recorded as
           an intermediate value first, because Tune does not pass the result that triggered a
           scheduler stop to ``on_trial_result``;
-        - no result at all (stopped before its first report): FAIL, not PRUNED, since TPE ranks
-          a PRUNED trial with no intermediate value as the worst one seen, which would be
-          evidence against a configuration that was never evaluated, whereas FAIL is ignored.
+        - no result at all (stopped before its first report): FAIL, not PRUNED (see
+          `_outside_stop_state`).
 
         A trial is told once; later completions, and those of unknown trials, are ignored.
         """
@@ -342,9 +371,9 @@ class PruningOptunaSearch(Searcher):
         if result:
             self.on_trial_result(trial_id, result)
         number = self._trials[trial_id]
-        if error or not result:
+        if error:
             self.study.tell(number, state=TrialState.FAIL)
-        elif result.get(self.FINISHED_KEY):
+        elif result and result.get(self.FINISHED_KEY):
             objective = result.get(self.objective_key)
             if objective is None:
                 logger.error(
@@ -356,7 +385,7 @@ class PruningOptunaSearch(Searcher):
             else:
                 self.study.tell(number, values=float(objective))
         else:
-            self.study.tell(number, state=TrialState.PRUNED)
+            self.study.tell(number, state=_outside_stop_state(bool(result)))
         self._told.add(trial_id)
         self._reported.pop(trial_id, None)
 

@@ -85,7 +85,7 @@ from search.results import (
 )
 from search.storage import Storage, check_shared_storage, check_storage, parse_storage
 from search.timeline import read_timeline, summarise_timeline
-from search.tuner import TrialResources, TrialStarts, new_tuner, restore_tuner
+from search.tuner import TrialResources, TrialStarts, close_study, new_tuner, restore_tuner
 from spaces import SPACE_NAMES, SearchSpace, get_space, params_to_config
 
 SYNTHETIC_IMAGES = 256
@@ -428,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         experiment, results = run_search(args, given, settings, storage, name, new)
         interrupted = tune_was_interrupted(sigint)
         signal.signal(signal.SIGINT, sigint)  # Ctrl-C during --final stops it, as it should
+        if not interrupted:  # An interrupted search's open trials are the ones a resume runs.
+            say_closed(close_study(experiment))
         report(results, experiment)
         if interrupted:
             raise_interrupted(results, experiment)
@@ -591,6 +593,16 @@ def tune_was_interrupted(sigint_before_fit: Any) -> bool:
     if os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") != "0":
         return False  # Tune left Ctrl-C alone: it raised KeyboardInterrupt, if it came
     return signal.getsignal(signal.SIGINT) is sigint_before_fit
+
+
+def say_closed(numbers: list[int]) -> None:
+    """One line for the trials the search's end stopped (the time budget), if any."""
+    if numbers:
+        listed = ", ".join(map(str, numbers))
+        print(
+            f"search: the time budget ended Optuna trials {listed} early; the study records "
+            "them as pruned (failed if they reported no epoch)"
+        )
 
 
 def raise_interrupted(results: ResultGrid, experiment: Experiment) -> None:

@@ -17,7 +17,7 @@ from marsseg.errors import ConfigError
 from marsseg.train.keys import EPOCH, VAL_MIOU_BEST
 from search.asha import ASHA_STATE, ResumableASHA
 from search.experiment import SAMPLERS, SCHEDULERS, Experiment
-from search.optuna_searcher import PruningOptunaSearch
+from search.optuna_searcher import PruningOptunaSearch, close_stopped_trials
 from search.results import OBJECTIVE, LiveLeaderboard
 from search.timeline import Timeline
 from search.trainable import train_trial
@@ -127,6 +127,13 @@ def restore_tuner(
         trainable=_trainable(experiment, archive, resources),
         resume_errored=True,
     )
+
+
+def close_study(experiment: Experiment) -> list[int]:
+    """After a search that ended, not one interrupted: the trials its end stopped (a spent
+    `--time-budget`) are told to the study as PRUNED, or FAIL if they reported nothing, instead
+    of staying RUNNING in it for good (`close_stopped_trials`). Returns their Optuna numbers."""
+    return close_stopped_trials(experiment.name, experiment.study_url)
 
 
 def _searcher(experiment: Experiment, space: SearchSpace) -> PruningOptunaSearch:

@@ -27,7 +27,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
-from search.optuna_searcher import PruningOptunaSearch, sqlite_url
+from search.optuna_searcher import PruningOptunaSearch, close_stopped_trials, sqlite_url
 
 MAX_EPOCHS = 4
 # val_miou / quality at epochs 1..4: peaks at epoch 2, so a trial's best differs from its last.
@@ -379,7 +379,9 @@ def local_ray():
             ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
-def asha_tuner(experiment: Path, callbacks: list | None = None) -> tune.Tuner:
+def asha_tuner(
+    experiment: Path, callbacks: list | None = None, stop: tune.Stopper | None = None
+) -> tune.Tuner:
     """The experiment of `search/run.py` in miniature, its study in the experiment folder."""
     return tune.Tuner(
         trainable,
@@ -401,6 +403,7 @@ def asha_tuner(experiment: Path, callbacks: list | None = None) -> tune.Tuner:
             storage_path=str(experiment.parent),
             verbose=0,
             callbacks=callbacks,
+            stop=stop,
         ),
     )
 
@@ -469,3 +472,42 @@ def test_tuner_restore_continues_the_same_study(local_ray: None, tmp_path: Path)
     assert sum(t.state == TrialState.FAIL for t in study.trials) == 1
     assert len(study.trials) == NUM_SAMPLES + 1
     check_study_matches_tune(study, results)
+
+
+class _EndAtEpoch2(tune.Stopper):
+    """Ends the whole experiment once any trial reports epoch 2, as a spent time budget does."""
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.ended = self.ended or result["epoch"] >= 2
+        return False
+
+    def stop_all(self) -> bool:
+        return self.ended
+
+
+def test_trials_an_ending_experiment_stops_are_closed_after_the_run(
+    local_ray: None, tmp_path: Path
+) -> None:
+    experiment = tmp_path / "ended"
+    url = sqlite_url(experiment / "optuna.db")
+    asha_tuner(experiment, stop=_EndAtEpoch2()).fit()
+    open_trials = [
+        t.number
+        for t in optuna.load_study(study_name="marsseg", storage=url).trials
+        if t.state == TrialState.RUNNING
+    ]
+    assert open_trials, "Tune told the searcher of every stop: close_stopped_trials is moot"
+
+    assert close_stopped_trials("marsseg", url) == open_trials
+    study = optuna.load_study(study_name="marsseg", storage=url)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    closed = [t for t in study.trials if t.number in open_trials]
+    for trial in closed:
+        epochs = len(trial.intermediate_values)
+        assert trial.state == (TrialState.PRUNED if epochs else TrialState.FAIL)
+        assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
+    assert max(len(t.intermediate_values) for t in closed) == 2  # The trial that ended it.
+    assert close_stopped_trials("marsseg", url) == []  # Nothing left open: a rerun is harmless.

@@ -20,6 +20,7 @@ import pytest
 import ray
 import torch
 from PIL import Image
+from ray.tune.stopper import TimeoutStopper
 from search_helpers import RAY_ENV, SPACE, search_args
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
@@ -150,6 +151,27 @@ def test_random_sampler_fifo_no_reference_and_sparse_checkpoints(
         assert sorted(saved) == [2, 3], trial_dir  # every 2nd epoch and the last
 
 
+def test_a_spent_time_budget_leaves_no_trial_running_in_the_study(
+    ray_env, tiny_archive, tmp_path, capsys, monkeypatch
+):
+    """Tune stops the trials a spent --time-budget cuts short without telling the searcher; the
+    search tells the study, so that none stays RUNNING for good (in optuna-dashboard, or when
+    the study is read or continued later)."""
+    # The budget is spent once a trial reports epoch 2: the clock's stop, on cue.
+    epochs: list[int] = []
+    monkeypatch.setattr(TimeoutStopper, "__call__", lambda _, __, r: epochs.append(r[EPOCH]))
+    monkeypatch.setattr(TimeoutStopper, "stop_all", lambda _: max(epochs, default=0) >= 2)
+    args = search_args(tiny_archive, tmp_path, "budget", samples=4, epochs=3)
+    assert search_main([*args, "--time-budget", "3600"]) == 0
+    assert "the time budget ended Optuna trials" in capsys.readouterr().out
+    study_file = tmp_path / "budget" / STUDY_FILE
+    trials = optuna.load_study(study_name="budget", storage=f"sqlite:///{study_file}").trials
+    assert max(epochs) == 2  # The budget ended the search: no trial reached epoch 3.
+    assert not [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert any(sorted(t.intermediate_values) == [1, 2] for t in stopped)
+
+
 def test_reference_space_runs_the_recipe(ray_env, tiny_archive, tmp_path):
     args = search_args(tiny_archive, tmp_path, "ref", samples=1, space="reference", epochs=1)
     # What is tested is the config the space yields, not what MarsSeg learns: few images do.
@@ -266,6 +288,10 @@ def test_interrupted_search_resumes_from_an_empty_driver_folder(tiny_archive, tm
         study = optuna.load_study(study_name="r", storage=f"sqlite:///{study_file}")
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
         assert len([t for t in finished if t.state != optuna.trial.TrialState.FAIL]) == 6
+        # Trials the interruption cut short and the resume finished are COMPLETE, as in Tune
+        # (not closed as stopped when the first head's run returned).
+        complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(complete) == (board["status"] == "complete").sum()
     # ASHA went on from the rungs the first head recorded (its state came with the driver
     # files): every trial is recorded at the first rung, also those that ended before the
     # interruption, and the trials it stopped are the ones that ended short of the last epoch.
