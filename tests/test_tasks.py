@@ -98,6 +98,10 @@ def test_a_run_store_keeps_results_and_refuses_another_plan(tmp_path):
     assert store.result(1, "fold 2/3") is None
     assert store.open(plan) == ["00-fold-1-3"]  # the same plan continues
 
+    # The same trial exported again: a new time stamp and code version, the same training.
+    exported = TrainConfig(provenance={"trial": "t1", "exported": "19:23", "code_version": "2"})
+    assert store.open({**plan, "config": exported.to_dict()}) == ["00-fold-1-3"]
+
     other = {**plan, "folds": 5, "config": TrainConfig(seed=3).to_dict()}
     with pytest.raises(ConfigError, match=r"differs in config\.seed, folds\); rerun with the same"):
         store.open(other)

@@ -131,6 +131,17 @@ def test_a_rerun_with_another_config_is_refused_before_the_data_is_read(
     assert "another config (it differs in optim.lr)" in error and "--fresh" in error
 
 
+def test_the_same_config_exported_again_continues_the_run(data, finished, tmp_path):
+    """Provenance says where a config came from, not what a run trains: an export of the same
+    trial again (new time stamp, new code version) continues the run instead of refusing it."""
+    out = copied(finished, tmp_path)
+    again = tiny(max_epochs=2, provenance={"trial": "t1", "exported": "later", "code_version": "2"})
+    again.save(tmp_path / "again.yaml")
+    argv = ["--config", str(tmp_path / "again.yaml"), "--data", str(data / "small.npz")]
+    assert main([*argv, "--out", str(out), "--max-epochs", "3"]) == 0
+    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2, 3]
+
+
 def test_an_early_stopped_run_is_not_reopened_by_more_epochs(data, tmp_path, capsys):
     """Early stopping with patience 1 and an unreachable min_delta ends the run at epoch 2."""
     stopping = tiny(early_stopping={"patience": 1, "min_delta": 1.0}).save(tmp_path / "s.yaml")

@@ -6,7 +6,7 @@ import math
 import os
 import pickle
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -194,10 +194,20 @@ def check_continuable(
         )
 
 
+UNCOMPARED = frozenset(f.name for f in fields(TrainConfig) if not f.compare)
+"""The `TrainConfig` fields its equality ignores (`provenance`); see `differing_fields`."""
+
+
 def differing_fields(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
-    """Dotted names of the leaves where two configs' dicts differ (`optim.lr`)."""
+    """Dotted names of the leaves where two configs' dicts differ (`optim.lr`), at any depth
+    (a plan that holds configs too).
+
+    A config's `provenance` is skipped, as `TrainConfig`'s equality skips it (`UNCOMPARED`): it
+    says where the config came from, nothing a run trains on, and an export of the same trial
+    again (a new time stamp and code version) must not stop a final or a comparison from
+    continuing its runs."""
     names = set()
-    for key in a.keys() | b.keys():
+    for key in (a.keys() | b.keys()) - UNCOMPARED:
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):
             names |= differing_fields(x, y, f"{prefix}{key}.")
