@@ -21,6 +21,9 @@
 # (default ~/marsseg-campaign), outside the work tree, which is laid anew each session; the
 # project is installed there in its own venv, from this checkout, each time the script starts.
 # `campaign.sh collect` copies the finished stages' small results into results/ai4mars64/.
+# If the state folder is lost (a new machine), the stages committed in results/ai4mars64/campaign/
+# stay done and later stages read their picks from the committed results: the campaign restarts
+# the first stage it had not committed, from scratch.
 #
 #   nohup bash results/ai4mars64/campaign.sh >> ~/marsseg-campaign/campaign.log 2>&1 &
 #
@@ -113,7 +116,27 @@ run_stage() {  # run_stage NAME: one stage, by its name
     esac
 }
 
+restore() {
+    # Only what is missing: a state folder that is there is never overwritten.
+    local out=$repo/results/ai4mars64 marker each
+    for marker in "$out"/campaign/*; do
+        each=$(basename "$marker")
+        if [ ! -e "$campaign/done/$each" ]; then
+            cp "$marker" "$campaign/done/$each"
+            echo "campaign: $each counted done, as committed in $out/campaign/ (the state folder lacked it)"
+        fi
+    done
+    for each in search-budget search-any; do
+        if [ -d "$out/$each" ] && [ ! -e "$campaign/results/$each/best_config.yaml" ]; then
+            mkdir -p "$campaign/results/$each"
+            cp -r "$out/$each"/. "$campaign/results/$each/"
+            echo "campaign: results/$each restored from $out/$each"
+        fi
+    done
+}
+
 run_all() {
+    restore
     install
     local each
     for each in $stages; do
@@ -146,11 +169,13 @@ collect() {
             cp "$from"/comparison.* "$to/" 2>/dev/null || true
         fi
     done
+    # A final restored as done from the committed markers has no files here: keep the committed.
     local final=$campaign/results/final
-    if [ -e "$campaign/done/final" ]; then
+    if [ -e "$campaign/done/final" ] && [ -e "$final/report.md" ]; then
         cp "$final"/report.md "$final"/*.png "$final"/submission.csv.gz "$out/"
     fi
-    if [ -e "$campaign/done/final-any" ]; then  # beside the first final until one is chosen
+    if [ -e "$campaign/done/final-any" ] && [ -e "$campaign/results/final-any/report.md" ]; then
+        # beside the first final until one is chosen
         mkdir -p "$out/final-any"
         cp "$campaign"/results/final-any/{report.md,*.png,submission.csv.gz} "$out/final-any/"
     fi
