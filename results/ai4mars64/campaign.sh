@@ -35,6 +35,9 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 campaign=${MARSSEG_CAMPAIGN:-$HOME/marsseg-campaign}
 data=${MARSSEG_DATA:-$(cd "$repo/.." && pwd)/shared/data/ai4mars64.npz}
+# CPUs (torch threads) of each final-any fold: 2 for a last fold left alone on two cores (the
+# fold continues from its checkpoint; the thread count is not part of the final's plan).
+final_cpus=${MARSSEG_FINAL_CPUS:-1}
 name=ai4mars64-budget
 name_any=ai4mars64-any
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
@@ -110,7 +113,7 @@ run_stage() {  # run_stage NAME: one stage, by its name
             --max-epochs 20 --seeds 0 1 --cpus-per-trial 1 --candidate "search-any=$best_any" \
             --out "$campaign/results/comparison-any" ;;
         final-any) stage final-any "$python" -m search.final --config "$best_any" --data "$data" \
-            --folds 5 --max-epochs 30 --cpus-per-trial 1 --compress \
+            --folds 5 --max-epochs 30 --cpus-per-trial "$final_cpus" --compress \
             --out "$campaign/results/final-any" ;;
         *) echo "campaign: no stage '$1' ($stages)" >&2; return 2 ;;
     esac
