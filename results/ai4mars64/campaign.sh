@@ -20,7 +20,8 @@
 # resumes its experiment, compare and final their runs). Everything it makes lives in $CAMPAIGN
 # (default ~/marsseg-campaign), outside the work tree, which is laid anew each session; the
 # project is installed there in its own venv, from this checkout, each time the script starts.
-# `campaign.sh collect` copies the finished stages' small results into results/ai4mars64/.
+# `campaign.sh collect` copies the finished stages' small results into results/ai4mars64/;
+# `campaign.sh restore` does only the restoring step below, which `run` starts with.
 # If the state folder is lost (a new machine), the stages committed in results/ai4mars64/campaign/
 # stay done and later stages read their picks from the committed results: the campaign restarts
 # the first stage it had not committed, from scratch.
@@ -192,5 +193,6 @@ case ${1:-run} in
         run_stage "${2:?usage: $0 stage NAME}"
         ;;
     collect) collect ;;
-    *) echo "usage: $0 [run|stage NAME|collect]" >&2; exit 2 ;;
+    restore) restore ;;
+    *) echo "usage: $0 [run|stage NAME|collect|restore]" >&2; exit 2 ;;
 esac
