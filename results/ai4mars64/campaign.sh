@@ -174,15 +174,15 @@ collect() {
         fi
     done
     # A final restored as done from the committed markers has no files here: keep the committed.
-    local final=$campaign/results/final
-    if [ -e "$campaign/done/final" ] && [ -e "$final/report.md" ]; then
-        cp "$final"/report.md "$final"/*.png "$final"/submission.csv.gz "$out/"
-    fi
-    if [ -e "$campaign/done/final-any" ] && [ -e "$campaign/results/final-any/report.md" ]; then
-        # beside the first final until one is chosen
-        mkdir -p "$out/final-any"
-        cp "$campaign"/results/final-any/{report.md,*.png,submission.csv.gz} "$out/final-any/"
-    fi
+    # Stage i's final led stage c's, so its report and submission are the folder's own.
+    for from in final:final-marsseg final-any:.; do
+        to=$out/${from#*:}
+        from=${from%%:*}
+        if [ -e "$campaign/done/$from" ] && [ -e "$campaign/results/$from/report.md" ]; then
+            mkdir -p "$to"
+            cp "$campaign/results/$from"/{report.md,*.png,submission.csv.gz} "$to/"
+        fi
+    done
     echo "campaign: collected into $out"
 }
 
