@@ -36,8 +36,9 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 campaign=${MARSSEG_CAMPAIGN:-$HOME/marsseg-campaign}
 data=${MARSSEG_DATA:-$(cd "$repo/.." && pwd)/shared/data/ai4mars64.npz}
-# CPUs (torch threads) of each final-any fold: 2 for a last fold left alone on two cores (the
-# fold continues from its checkpoint; the thread count is not part of the final's plan).
+# CPUs of each final-any fold (Ray's share; at least one torch thread): 0.4 trains all five
+# folds at once on two cores, so none ends alone on one core while the other idles. A stopped
+# stage may continue with another value: the CPU count is not part of the final's plan.
 final_cpus=${MARSSEG_FINAL_CPUS:-1}
 name=ai4mars64-budget
 name_any=ai4mars64-any
